@@ -1,0 +1,1 @@
+"""portrait3d command line: a thin Typer + Rich shell over the `recon` engine."""

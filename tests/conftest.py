@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Golden data from the official code: ../shared/fixtures, or $P3D_FIXTURES laid out the same way.
+FIXTURES = Path(os.environ.get("P3D_FIXTURES", ROOT.parent / "shared" / "fixtures")).resolve()
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
