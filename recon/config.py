@@ -50,6 +50,9 @@ class ViewsConfig:
     windows: str = "circular"       # circular | independent (official behaviour)
     window_size: int = 8
     window_stride: int = 4
+    window_weighting: str = "cosine" # cosine | equal: blend of overlapping windows' predictions
+    frame_batch: int = 32           # frames per denoiser call (several windows batched)
+    reference_latent: str = "sample"  # sample (official: VAE posterior sample) | mode
     official_schedule: bool = False # fp16-quantised schedule of the official sampler
     low_memory: bool = False
     condition_dir: str | None = None
