@@ -38,23 +38,30 @@ def preprocess(image: str | os.PathLike, config: PreprocessConfig | None = None,
     return _preprocess(Path(image), config or PreprocessConfig(), progress=progress)
 
 
-def resolve_backend(requested: str = "auto", device: str = "auto") -> tuple[str, str]:
+def resolve_backend(requested: str = "auto", device: str = "auto", weights_dir: str | None = None) -> tuple[str, str]:
     """Pick the views back-end and say why (DESIGN §1: no silent fallback)."""
     from .runtime import resolve_device
 
     if requested == "proxy":
         return "proxy", "requested"
-    try:
-        from .weights import backend_available
+    if device == "cpu":
+        ok, why = False, "--device cpu (the diffusion back-end needs a CUDA GPU to be practical)"
+    else:
+        try:
+            from .weights import backend_available
 
-        ok, why = backend_available(device)
-    except ImportError as e:  # the diffusion engine is not importable in this install
-        ok, why = False, f"the diffusion engine is unavailable ({e})"
+            ok, why = backend_available(weights_dir)
+        except ImportError as e:  # the diffusion engine is not importable in this install
+            ok, why = False, f"the diffusion engine is unavailable ({e})"
     if requested == "diffusion":
-        if not ok:
-            raise MissingError(f"--backend diffusion cannot run: {why}",
-                               hint="run `portrait3d weights download` on a CUDA machine, or use --backend proxy")
-        return "diffusion", why
+        # Asked for explicitly: weights are required, a GPU only advised.
+        from .weights import diffusion_weights_ready
+
+        ready, wwhy = diffusion_weights_ready(weights_dir)
+        if not ready:
+            raise MissingError(f"--backend diffusion cannot run: {wwhy}",
+                               hint="run `portrait3d weights download` (on a CUDA machine), or use --backend proxy")
+        return "diffusion", why if ok else f"requested; {wwhy}; warning: {why.split(';')[0]}, this will be very slow"
     if requested != "auto":
         raise UsageError(f"unknown backend {requested!r}", hint="use auto, proxy or diffusion")
     if ok:
@@ -85,10 +92,32 @@ def backview(portrait: Portrait, config: ViewsConfig | None = None, *, backend: 
         from .diffusion.stage import diffusion_backview
         from .runtime import runtime
 
-        return diffusion_backview(portrait, cfg, runtime(device, cfg.dtype), progress=progress)
+        rt = runtime(device, cfg.dtype)
+        ring = _panohead_ring(cfg, 2, rt.device, progress)  # [front, back]
+        return diffusion_backview(portrait, cfg, rt, progress=progress,
+                                  condition_image=None if ring is None else ring[1])
     from .proxy import proxy_backview
 
     return proxy_backview(portrait, cfg, head=_proxy_head(portrait, cfg, progress))
+
+
+def _panohead_ring(cfg: ViewsConfig, num_views: int, device, progress: ProgressFn | None):
+    """Camera-condition images rendered by PanoHead at the ring, when its weights are
+    present and no precomputed ring (views.condition_dir) was asked for; else None."""
+    if cfg.condition_dir:
+        return None
+    from .weights import find_weights, weights_home
+
+    folder = find_weights("panohead", cfg.weights_dir)
+    if folder is None:
+        return None
+    from .panohead.convert import load_generator
+    from .panohead.rings import render_condition_ring
+
+    G = load_generator(folder, device=device)
+    return render_condition_ring(G, num_views, cfg.elevation, cache_dir=Path(cfg.weights_dir or weights_home()) / "rings",
+                                 device=device,
+                                 progress=progress)
 
 
 def views(portrait: Portrait, back: BackView, config: ViewsConfig | None = None, *, backend: str = "proxy",
@@ -106,7 +135,8 @@ def views(portrait: Portrait, back: BackView, config: ViewsConfig | None = None,
             ring = cameras.ring_cam2world(cfg.num_views, cameras.elevation_to_v(cfg.elevation))
             K = np.repeat(cameras.INTRINSICS_NORM[None], cfg.num_views, 0)
             noise, _ = head.render(ring, K, cfg.resolution, cfg.resolution)
-        return diffusion_views(portrait, back, cfg, runtime(device, cfg.dtype), condition_images=None,
+        rt = runtime(device, cfg.dtype)
+        return diffusion_views(portrait, back, cfg, rt, condition_images=_panohead_ring(cfg, cfg.num_views, rt.device, progress),
                                noise_renders=noise, progress=progress)
     from .proxy import proxy_views
 
@@ -121,6 +151,14 @@ def fit(view_set: ViewSet, config: FitConfig | None = None, *, device: str = "au
 
     cfg = config or FitConfig()
     dev, _ = resolve_device(device if device != "auto" else cfg.device)
+    if cfg.method.startswith("nerfstudio"):
+        # out of process (DESIGN §2); its dataset, outputs and checkpoints live in checkpoint_dir
+        import tempfile
+
+        from .fit.nerfstudio import fit_nerfstudio
+
+        work = Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="p3d-nerfstudio-"))
+        return fit_nerfstudio(view_set, cfg, work, progress, device=str(dev))
     return fit_splats(view_set, cfg, device=str(dev), checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
                       progress=progress)
 
@@ -138,12 +176,15 @@ def export(scene: Scene, out_dir: str | os.PathLike, config: ExportConfig | None
            views: ViewSet | None = None, preview: bool = False, device: str = "cpu",
            progress: ProgressFn | None = None) -> Assets:
     """Write meshes, splats and turntables of a fitted scene into out_dir."""
+    import functools
+
     from .export import export_assets
+    from .fit.render import render_scene
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return export_assets(scene, config or ExportConfig(), out_dir, views=views, render_fn=_render_fn(scene, device),
-                         preview=preview, progress=progress)
+    return export_assets(scene, config or ExportConfig(), out_dir, views=views,
+                         render_fn=functools.partial(render_scene, device=device), preview=preview, progress=progress)
 
 
 def render(scene: Scene, cameras_json: str | os.PathLike, out_dir: str | os.PathLike, *, size: int = 512,
@@ -214,7 +255,7 @@ class Runner:
     # ----------------------------------------------------------------- helpers
     def backend(self) -> tuple[str, str]:
         if self._backend is None:
-            self._backend = resolve_backend(self.cfg.views.backend, self.cfg.device)
+            self._backend = resolve_backend(self.cfg.views.backend, self.cfg.device, self.cfg.views.weights_dir)
             self.em.info(f"views back-end: {self._backend[0]} ({self._backend[1]})", backend=self._backend[0])
         return self._backend
 
@@ -276,7 +317,7 @@ class Runner:
             return {}
         from .weights import weights_revision
 
-        return {"weights": weights_revision()}
+        return {"weights": weights_revision(self.cfg.views.weights_dir), "condition": self.cfg.views.condition_dir or "panohead"}
 
     # ------------------------------------------------------------- stage bodies
     def _run_stage(self, stage: str, out: Path, progress: ProgressFn):

@@ -403,16 +403,25 @@ def download(to: str | os.PathLike | None = None, from_dir: str | os.PathLike | 
 
 
 # ------------------------------------------------------------------------ backend
-def backend_available(home: str | os.PathLike | None = None) -> tuple[bool, str]:
-    """Whether `--backend auto` may pick the diffusion back-end, and why (not)."""
+def diffusion_weights_ready(home: str | os.PathLike | None = None) -> tuple[bool, str]:
+    """Whether converted DiffPortrait360 weights (360 + back view) are present and usable."""
     h = _home(home)
     missing = [k for k in ("dp360", "backhead") if find_weights(k, h) is None]
     if missing:
         return False, f"converted {' and '.join(missing)} weights not found in {h} (portrait3d weights download)"
     for k in ("dp360", "backhead"):
-        rep = verify(h / k, sample_tensors=0)
+        rep = verify(find_weights(k, h), sample_tensors=0)
         if not rep["ok"]:
             return False, f"{k} weights in {h / k} are unusable: {rep['problems'][0]}"
+    return True, f"converted weights in {h}"
+
+
+def backend_available(home: str | os.PathLike | None = None) -> tuple[bool, str]:
+    """Whether `--backend auto` may pick the diffusion back-end, and why (not)."""
+    h = _home(home)
+    ok, why = diffusion_weights_ready(h)
+    if not ok:
+        return ok, why
     try:
         import torch
     except ImportError:  # pragma: no cover
@@ -420,3 +429,24 @@ def backend_available(home: str | os.PathLike | None = None) -> tuple[bool, str]
     if not torch.cuda.is_available():
         return False, "no CUDA device (the diffusion back-end needs a GPU to be practical)"
     return True, f"converted weights in {h} and CUDA device {torch.cuda.get_device_name(0)}"
+
+
+def weights_revision(home: str | os.PathLike | None = None) -> dict:
+    """Identity of the converted weights in use, for run fingerprints: a change of
+    weights makes the views stages stale."""
+    h = _home(home)
+    rev = {}
+    for kind in CONVERTED:
+        folder = find_weights(kind, h)
+        if folder is None:
+            continue
+        man = folder / "portrait3d_weights.json"
+        if man.is_file():
+            try:
+                m = json.loads(man.read_text())
+                rev[kind] = {k: m.get(k) for k in ("source", "source_sha256", "sha256", "dtype", "converter_version") if k in m}
+                continue
+            except (OSError, ValueError):
+                pass
+        rev[kind] = {"files": sorted((p.name, p.stat().st_size) for p in _safetensors_files(folder))}
+    return rev

@@ -169,14 +169,27 @@ def _generator(seed: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------ stages
-def diffusion_backview(portrait: Portrait, cfg: ViewsConfig, runtime, progress: Progress | None = None) -> BackView:
-    """Back-of-head image from the back-view model, camera at azimuth 180."""
+def diffusion_backview(portrait: Portrait, cfg: ViewsConfig, runtime, progress: Progress | None = None, *,
+                       condition_image: np.ndarray | None = None) -> BackView:
+    """Back-of-head image from the back-view model, camera at azimuth 180.
+
+    condition_image: (H,W,3) uint8 camera image at azimuth 180 (e.g. rendered by
+    PanoHead); if None it is taken from the ring in cfg.condition_dir."""
+    from .. import cameras
+
     pipe = load_pipeline(_weights_folder(cfg, "backhead"), "backhead", runtime.device, runtime.dtype)
-    if not cfg.condition_dir:
-        raise MissingError("the back-view model needs the 180 degree camera-condition image",
-                           hint="set views.condition_dir (the official ring from `portrait3d weights download`)")
-    ring, c2w, K, source = load_condition_ring(cfg.condition_dir)
-    bi = _back_index(c2w)
+    if condition_image is not None:
+        ring = np.asarray(condition_image)[None, ..., :3]
+        c2w = cameras.orbit_cam2world(180.0, cfg.elevation)[None]
+        K = cameras.INTRINSICS_NORM[None]
+        source, bi = "panohead", 0
+    else:
+        if not cfg.condition_dir:
+            raise MissingError("the back-view model needs the 180 degree camera-condition image",
+                               hint="convert PanoHead weights (`portrait3d weights download`) or set views.condition_dir "
+                                    "to the official ring")
+        ring, c2w, K, source = load_condition_ring(cfg.condition_dir)
+        bi = _back_index(c2w)
     size = ring.shape[1]
     if cfg.low_memory:
         pipe.enable_low_memory(runtime.device)
