@@ -179,21 +179,44 @@ def make(image: Path = typer.Argument(..., help="Portrait image (JPEG, PNG, WebP
 
 # ------------------------------------------------------------------------ batch
 @app.command()
-def batch(folder: Path = typer.Argument(..., help="Folder of portraits."),
+def batch(source: Path = typer.Argument(..., metavar="FOLDER|LIST.txt|manifest.csv",
+                                        help="A folder of portraits, a LIST.txt (one path per line, # comments) or a "
+                                             "manifest.csv (column image; optional id, preset, set)."),
           out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: one run folder per image + batch.json."),
-          recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look in sub-folders."),
+          recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look in sub-folders (FOLDER only)."),
+          workers: int = typer.Option(1, "--workers", "-w", min=1,
+                                      help="Local worker processes, each running whole images (torch threads = cores / N)."),
+          ray: bool = typer.Option(False, "--ray", help="Run on Ray: start or join a local cluster (the latest `ray start` "
+                                                        "on this machine, or $RAY_ADDRESS). Needs pip install 'portrait3d\\[ray]'."),
+          ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="ADDRESS",
+                                                    help="Join a running Ray cluster: auto, HOST:PORT or ray://HOST:10001 "
+                                                         "(implies --ray)."),
+          pipeline: Optional[bool] = typer.Option(None, "--pipeline/--no-pipeline",
+                                                  help="Overlap preprocess/export of neighbouring images with the GPU "
+                                                       "stages (default: on with CUDA, single worker)."),
+          retries: int = typer.Option(2, "--retries", min=0, help="Retries of an image after a transient failure "
+                                                                  "(lost worker, CUDA out of memory); bad input is never retried."),
           export: Optional[str] = ExportOpt, preset: str = PresetOpt, backend: Optional[Backend] = BackendOpt,
           views: Optional[int] = ViewsOpt, seed: Optional[int] = SeedOpt, device: Optional[Device] = DeviceOpt,
           json_: bool = JsonOpt, force: bool = ForceOpt, set_: Optional[List[str]] = SetOpt,
           progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
-    """Every image in a folder; bad images are reported and skipped. Exit 0 if all succeeded, 5 if any failed."""
+    """Every image of a folder, list or manifest; bad images are reported and skipped. Exit 0 if all succeeded, 5 if any failed."""
     _setup(json_, debug)
     try:
-        from recon.batch import batch as _batch
+        from recon.batch import batch as _batch, json_event_stream
 
         cfg = _config(preset, export, backend, views, seed, device, set_)
-        with EventPrinter(progress.value, quiet) as printer:
-            res = _batch(folder, out_dir, config=cfg, recursive=recursive, force=force, on_event=printer)
+        # Typer has no options with an optional value: `--ray [ADDRESS]` is --ray / --ray-address ADDRESS.
+        kw = dict(config=cfg, recursive=recursive, force=force, workers=workers,
+                  ray=ray_address or ("local" if ray else None),
+                  pipeline="auto" if pipeline is None else pipeline, retries=retries)
+        if progress == ProgressMode.json:
+            # Every stderr line is an event; native libraries' chatter goes to OUT/batch.log.
+            with json_event_stream(out_dir / "batch.log") as emit:
+                res = _batch(source, out_dir, on_event=emit, **kw)
+        else:
+            with EventPrinter(progress.value, quiet) as printer:
+                res = _batch(source, out_dir, on_event=printer, **kw)
         if STATE["json"]:
             print_json(res.to_dict())
         else:
@@ -206,7 +229,8 @@ def batch(folder: Path = typer.Argument(..., help="Folder of portraits."),
                 t.add_row(item["image"], f"[{style}]{item['status']}[/]", f"{item.get('seconds', 0):.1f}",
                           item.get("error", {}).get("message", "") if item["status"] == "failed" else item.get("run_dir", ""))
             out.print(t)
-            err.print(f"summary written to {res.summary_path}")
+            if progress != ProgressMode.json:
+                err.print(f"summary written to {res.summary_path}")
         raise SystemExit(res.exit_code)
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, SystemExit):
