@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .output import EventPrinter, err, out, print_json
+from .output import EventPrinter, err, event_sink, out, print_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="portrait3d: one portrait in, a complete 360° 3D head out (GLB, Gaussian splats, turntable).",
@@ -168,7 +168,7 @@ def make(image: Path = typer.Argument(..., help="Portrait image (JPEG, PNG, WebP
         from recon.api import make as _make
 
         cfg = _config(preset, export, backend, views, seed, device, set_, face_box, yaw, pitch)
-        with EventPrinter(progress.value, quiet) as printer:
+        with event_sink(progress.value, quiet) as printer:
             result = _make(image, out_dir, config=cfg, force=force, from_stage=from_, until=until, on_event=printer)
         _print_result(result)
     except BaseException as e:  # noqa: BLE001 - every error leaves through _fail
@@ -242,7 +242,7 @@ def batch(source: Path = typer.Argument(..., metavar="FOLDER|LIST.txt|manifest.c
 def _run_stages(run_dir: Path, stages, cfg=None, image=None, views_dir=None, force=False, progress="auto", quiet=False):
     from recon.api import run as _run
 
-    with EventPrinter(progress, quiet) as printer:
+    with event_sink(progress, quiet) as printer:
         return _run(run_dir, stages, config=cfg, image=image, views_dir=views_dir, force=force, on_event=printer)
 
 

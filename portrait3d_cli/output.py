@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -85,3 +86,17 @@ class EventPrinter:
             err.print(f"{prefix}{'warning: ' if kind == 'warning' else ''}{ev['message']}")
         elif kind == "stage_failed":
             err.print(f"{prefix}{stage}: failed")
+
+
+@contextmanager
+def event_sink(mode: str = "auto", quiet: bool = False):
+    """The on_event callback for a command. With `--progress json` stderr carries only
+    events: native libraries' chatter on fd 2 (TFLite, Ray) is silenced meanwhile."""
+    if mode == "json":
+        from recon.batch import json_event_stream
+
+        with json_event_stream(None) as emit:
+            yield emit
+    else:
+        with EventPrinter(mode, quiet) as printer:
+            yield printer

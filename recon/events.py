@@ -2,7 +2,8 @@
 
 Every event is a flat JSON-able dict with `schema` = EVENT_SCHEMA and `event` one of
 run_started, stage_started, stage_progress, stage_finished, stage_skipped,
-stage_failed, info, warning, run_finished. Common keys: image (run id), stage,
+stage_failed, info, warning, run_finished, and for batches batch_started,
+image_finished, batch_finished (full schema: docs/events.md). Common keys: image (run id), stage,
 step, total, message, seconds. The CLI renders them with Rich, or prints them as
 JSON lines (`--progress json`); Python callers pass `on_event=`.
 """
