@@ -76,7 +76,7 @@ def _proxy_head(portrait: Portrait, cfg: ViewsConfig, progress: ProgressFn | Non
     """The proxy head is shared by the backview and views stages of one run."""
     from .proxy import build_proxy
 
-    key = (hash(portrait.image.tobytes()), hash(portrait.alpha.tobytes()), cfg.proxy_detail, cfg.proxy_texture,
+    key = (hash(portrait.image.tobytes()), hash(portrait.alpha.tobytes()), cfg.proxy_detail, cfg.proxy_texture, cfg.seed,
            tuple(np.round(portrait.c2w.ravel(), 6)))
     if key not in _PROXY_CACHE:
         _PROXY_CACHE.clear()  # one head at a time: batches must not grow memory
