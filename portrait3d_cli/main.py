@@ -2,6 +2,7 @@
 recon, and prints the result (stdout) and progress/errors (stderr)."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
@@ -86,8 +87,21 @@ def _fail(e: BaseException) -> None:
     raise SystemExit(code)
 
 
-def _setup(json_: bool, debug: bool) -> None:
-    STATE["json"], STATE["debug"] = json_, debug
+def guarded(fn):
+    """Every command leaves through here: expected errors become one line (or one JSON
+    document) and their exit code; nothing else prints a traceback without --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        STATE["json"], STATE["debug"] = bool(kwargs.get("json_", False)), bool(kwargs.get("debug", False))
+        try:
+            return fn(*args, **kwargs)
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: exit 130
+            _fail(e)
+
+    return wrapper
 
 
 def _parse_face_box(text: Optional[str]):
@@ -154,6 +168,7 @@ def _size(n: int) -> str:
 
 # ------------------------------------------------------------------------- make
 @app.command()
+@guarded
 def make(image: Path = typer.Argument(..., help="Portrait image (JPEG, PNG, WebP, TIFF, BMP)."),
          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<image name>)."),
          export: Optional[str] = ExportOpt, preset: str = PresetOpt, backend: Optional[Backend] = BackendOpt,
@@ -163,22 +178,17 @@ def make(image: Path = typer.Argument(..., help="Portrait image (JPEG, PNG, WebP
          pitch: Optional[float] = PitchOpt, progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt,
          debug: bool = DebugOpt):
     """Portrait in, 3D head out: preprocess → backview → views → fit → export."""
-    _setup(json_, debug)
-    try:
-        from recon.api import make as _make
+    from recon.api import make as _make
 
-        cfg = _config(preset, export, backend, views, seed, device, set_, face_box, yaw, pitch)
-        with event_sink(progress.value, quiet) as printer:
-            result = _make(image, out_dir, config=cfg, force=force, from_stage=from_, until=until, on_event=printer)
-        _print_result(result)
-    except BaseException as e:  # noqa: BLE001 - every error leaves through _fail
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    cfg = _config(preset, export, backend, views, seed, device, set_, face_box, yaw, pitch)
+    with event_sink(progress.value, quiet) as printer:
+        result = _make(image, out_dir, config=cfg, force=force, from_stage=from_, until=until, on_event=printer)
+    _print_result(result)
 
 
 # ------------------------------------------------------------------------ batch
 @app.command()
+@guarded
 def batch(source: Path = typer.Argument(..., metavar="FOLDER|LIST.txt|manifest.csv",
                                         help="A folder of portraits, a LIST.txt (one path per line, # comments) or a "
                                              "manifest.csv (column image; optional id, preset, set)."),
@@ -201,41 +211,35 @@ def batch(source: Path = typer.Argument(..., metavar="FOLDER|LIST.txt|manifest.c
           json_: bool = JsonOpt, force: bool = ForceOpt, set_: Optional[List[str]] = SetOpt,
           progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Every image of a folder, list or manifest; bad images are reported and skipped. Exit 0 if all succeeded, 5 if any failed."""
-    _setup(json_, debug)
-    try:
-        from recon.batch import batch as _batch, json_event_stream
+    from recon.batch import batch as _batch, json_event_stream
 
-        cfg = _config(preset, export, backend, views, seed, device, set_)
-        # Typer has no options with an optional value: `--ray [ADDRESS]` is --ray / --ray-address ADDRESS.
-        kw = dict(config=cfg, recursive=recursive, force=force, workers=workers,
-                  ray=ray_address or ("local" if ray else None),
-                  pipeline="auto" if pipeline is None else pipeline, retries=retries)
-        if progress == ProgressMode.json:
-            # Every stderr line is an event; native libraries' chatter goes to OUT/batch.log.
-            with json_event_stream(out_dir / "batch.log") as emit:
-                res = _batch(source, out_dir, on_event=emit, **kw)
-        else:
-            with EventPrinter(progress.value, quiet) as printer:
-                res = _batch(source, out_dir, on_event=printer, **kw)
-        if STATE["json"]:
-            print_json(res.to_dict())
-        else:
-            from rich.table import Table
+    cfg = _config(preset, export, backend, views, seed, device, set_)
+    # Typer has no options with an optional value: `--ray [ADDRESS]` is --ray / --ray-address ADDRESS.
+    kw = dict(config=cfg, recursive=recursive, force=force, workers=workers,
+              ray=ray_address or ("local" if ray else None),
+              pipeline="auto" if pipeline is None else pipeline, retries=retries)
+    if progress == ProgressMode.json:
+        # Every stderr line is an event; native libraries' chatter goes to OUT/batch.log.
+        with json_event_stream(out_dir / "batch.log") as emit:
+            res = _batch(source, out_dir, on_event=emit, **kw)
+    else:
+        with EventPrinter(progress.value, quiet) as printer:
+            res = _batch(source, out_dir, on_event=printer, **kw)
+    if STATE["json"]:
+        print_json(res.to_dict())
+    else:
+        from rich.table import Table
 
-            t = Table(title=f"batch: {res.succeeded} ok, {res.failed} failed, {res.skipped} already done", show_edge=False)
-            t.add_column("image"); t.add_column("status"); t.add_column("seconds", justify="right"); t.add_column("detail")
-            for item in res.items:
-                style = {"ok": "green", "skipped": "dim", "failed": "red"}[item["status"]]
-                t.add_row(item["image"], f"[{style}]{item['status']}[/]", f"{item.get('seconds', 0):.1f}",
-                          item.get("error", {}).get("message", "") if item["status"] == "failed" else item.get("run_dir", ""))
-            out.print(t)
-            if progress != ProgressMode.json:
-                err.print(f"summary written to {res.summary_path}")
-        raise SystemExit(res.exit_code)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+        t = Table(title=f"batch: {res.succeeded} ok, {res.failed} failed, {res.skipped} already done", show_edge=False)
+        t.add_column("image"); t.add_column("status"); t.add_column("seconds", justify="right"); t.add_column("detail")
+        for item in res.items:
+            style = {"ok": "green", "skipped": "dim", "failed": "red"}[item["status"]]
+            t.add_row(item["image"], f"[{style}]{item['status']}[/]", f"{item.get('seconds', 0):.1f}",
+                      item.get("error", {}).get("message", "") if item["status"] == "failed" else item.get("run_dir", ""))
+        out.print(t)
+        if progress != ProgressMode.json:
+            err.print(f"summary written to {res.summary_path}")
+    raise SystemExit(res.exit_code)
 
 
 # ---------------------------------------------------------------- stage commands
@@ -258,6 +262,7 @@ def _run_config(run_dir: Path, preset, export=None, backend=None, views=None, se
 
 
 @app.command("preprocess")
+@guarded
 def preprocess_cmd(image: Path = typer.Argument(..., help="Portrait image."),
                    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder."),
                    preset: Optional[str] = typer.Option(None, "--preset", "-p"), set_: Optional[List[str]] = SetOpt,
@@ -265,108 +270,83 @@ def preprocess_cmd(image: Path = typer.Argument(..., help="Portrait image."),
                    force: bool = ForceOpt, json_: bool = JsonOpt, progress: ProgressMode = ProgressOpt,
                    quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Decode, detect the face, align (PanoHead crop), estimate the camera, matte."""
-    _setup(json_, debug)
-    try:
-        cfg = _config(preset or "default", None, None, None, None, None, set_, face_box, yaw, pitch)
-        _print_result(_run_stages(out_dir, ["preprocess"], cfg, image=image, force=force, progress=progress.value, quiet=quiet))
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    cfg = _config(preset or "default", None, None, None, None, None, set_, face_box, yaw, pitch)
+    _print_result(_run_stages(out_dir, ["preprocess"], cfg, image=image, force=force, progress=progress.value, quiet=quiet))
 
 
 @app.command("views")
+@guarded
 def views_cmd(run_dir: Path = typer.Argument(..., help="Run folder with a finished preprocess stage."),
               backend: Optional[Backend] = BackendOpt, views: Optional[int] = ViewsOpt, seed: Optional[int] = SeedOpt,
               device: Optional[Device] = DeviceOpt, preset: Optional[str] = typer.Option(None, "--preset", "-p"),
               set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt, json_: bool = JsonOpt,
               progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Generate the back view and the 360° ring of views."""
-    _setup(json_, debug)
-    try:
-        cfg = _run_config(run_dir, preset, None, backend, views, seed, device, set_)
-        _print_result(_run_stages(run_dir, ["backview", "views"], cfg, force=force, progress=progress.value, quiet=quiet))
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    cfg = _run_config(run_dir, preset, None, backend, views, seed, device, set_)
+    _print_result(_run_stages(run_dir, ["backview", "views"], cfg, force=force, progress=progress.value, quiet=quiet))
 
 
 @app.command("fit")
+@guarded
 def fit_cmd(source: Path = typer.Argument(..., help="A run folder with views, or any folder of RGBA views + dataset.json."),
             out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: the source run)."),
             preset: Optional[str] = typer.Option(None, "--preset", "-p"), seed: Optional[int] = SeedOpt,
             device: Optional[Device] = DeviceOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
             json_: bool = JsonOpt, progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Fit Gaussian splats to the views (checkpointed: a killed fit resumes)."""
-    _setup(json_, debug)
-    try:
-        from recon.errors import InputError
+    from recon.errors import InputError
 
-        if not source.exists():
-            raise InputError(f"{source} does not exist", hint="pass a run folder or a folder of views with a dataset.json")
-        external = (source / "dataset.json").is_file() and not (source / "manifest.json").is_file()
-        target = out_dir or source
-        if external:
-            if out_dir is None:
-                raise InputError("fitting a views folder needs --out RUN", hint="e.g. portrait3d fit my_views --out runs/fitted")
-            cfg = _config(preset or "default", None, None, None, seed, device, set_)
-            res = _run_stages(target, ["views", "fit"], cfg, views_dir=source, force=force, progress=progress.value, quiet=quiet)
-        else:
-            cfg = _run_config(source, preset, None, None, None, seed, device, set_)
-            if out_dir is not None and out_dir.resolve() != source.resolve():
-                raise InputError("--out must be the source run folder when fitting a run", hint="omit --out")
-            res = _run_stages(target, ["fit"], cfg, force=force, progress=progress.value, quiet=quiet)
-        _print_result(res)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    if not source.exists():
+        raise InputError(f"{source} does not exist", hint="pass a run folder or a folder of views with a dataset.json")
+    external = (source / "dataset.json").is_file() and not (source / "manifest.json").is_file()
+    target = out_dir or source
+    if external:
+        if out_dir is None:
+            raise InputError("fitting a views folder needs --out RUN", hint="e.g. portrait3d fit my_views --out runs/fitted")
+        cfg = _config(preset or "default", None, None, None, seed, device, set_)
+        res = _run_stages(target, ["views", "fit"], cfg, views_dir=source, force=force, progress=progress.value, quiet=quiet)
+    else:
+        cfg = _run_config(source, preset, None, None, None, seed, device, set_)
+        if out_dir is not None and out_dir.resolve() != source.resolve():
+            raise InputError("--out must be the source run folder when fitting a run", hint="omit --out")
+        res = _run_stages(target, ["fit"], cfg, force=force, progress=progress.value, quiet=quiet)
+    _print_result(res)
 
 
 @app.command("export")
+@guarded
 def export_cmd(run_dir: Path = typer.Argument(..., help="Run folder with a fitted scene."),
                export: Optional[str] = ExportOpt, preset: Optional[str] = typer.Option(None, "--preset", "-p"),
                set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt, json_: bool = JsonOpt,
                progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Export meshes (GLB/OBJ/PLY), splats (.ply/.splat) and turntables (mp4/gif)."""
-    _setup(json_, debug)
-    try:
-        cfg = _run_config(run_dir, preset, export, None, None, None, None, set_)
-        _print_result(_run_stages(run_dir, ["export"], cfg, force=force, progress=progress.value, quiet=quiet))
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    cfg = _run_config(run_dir, preset, export, None, None, None, None, set_)
+    _print_result(_run_stages(run_dir, ["export"], cfg, force=force, progress=progress.value, quiet=quiet))
 
 
 @app.command("status")
+@guarded
 def status_cmd(run_dir: Path = typer.Argument(..., help="Run folder."), json_: bool = JsonOpt, debug: bool = DebugOpt):
     """Which stages are done, stale and why."""
-    _setup(json_, debug)
-    try:
-        from recon.status import run_status
+    from recon.status import run_status
 
-        st = run_status(run_dir)
-        if STATE["json"]:
-            print_json(st)
-            return
-        from rich.table import Table
+    st = run_status(run_dir)
+    if STATE["json"]:
+        print_json(st)
+        return
+    from rich.table import Table
 
-        t = Table(title=f"{st['run_dir']}", show_edge=False)
-        t.add_column("stage"); t.add_column("state"); t.add_column("seconds", justify="right"); t.add_column("why")
-        colors = {"done": "green", "stale": "yellow", "missing": "dim", "failed": "red", "interrupted": "red", "running": "yellow"}
-        for row in st["stages"]:
-            secs = f"{row['seconds']:.1f}" if row.get("seconds") else ""
-            t.add_row(row["stage"], f"[{colors.get(row['state'], 'white')}]{row['state']}[/]", secs, row.get("why", ""))
-        out.print(t)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    t = Table(title=f"{st['run_dir']}", show_edge=False)
+    t.add_column("stage"); t.add_column("state"); t.add_column("seconds", justify="right"); t.add_column("why")
+    colors = {"done": "green", "stale": "yellow", "missing": "dim", "failed": "red", "interrupted": "red", "running": "yellow"}
+    for row in st["stages"]:
+        secs = f"{row['seconds']:.1f}" if row.get("seconds") else ""
+        t.add_row(row["stage"], f"[{colors.get(row['state'], 'white')}]{row['state']}[/]", secs, row.get("why", ""))
+    out.print(t)
 
 
 @app.command("render")
+@guarded
 def render_cmd(run_dir: Path = typer.Argument(..., help="Run folder with a fitted scene."),
                cameras_json: Path = typer.Option(..., "--cameras", help="PanoHead-format dataset.json of cameras."),
                out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the RGBA PNGs."),
@@ -374,99 +354,78 @@ def render_cmd(run_dir: Path = typer.Argument(..., help="Run folder with a fitte
                device: Optional[Device] = DeviceOpt, json_: bool = JsonOpt, progress: ProgressMode = ProgressOpt,
                quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Render the fitted scene at any cameras (one RGBA PNG per camera, named as in dataset.json)."""
-    _setup(json_, debug)
-    try:
-        from recon.api import render as _render
-        from recon.errors import UsageError
-        from recon.events import Emitter
-        from recon.runtime import resolve_device
-        from recon.types import Scene
+    from recon.api import render as _render
+    from recon.errors import UsageError
+    from recon.events import Emitter
+    from recon.runtime import resolve_device
+    from recon.types import Scene
 
-        if not 16 <= size <= 4096:
-            raise UsageError(f"--size {size} is out of range", hint="use 16..4096")
-        scene = Scene.load(Path(run_dir) / "04_fit")
-        dev, _ = resolve_device(device.value if device else "auto")
-        with EventPrinter(progress.value, quiet) as printer:
-            em = Emitter(printer, Path(run_dir).name)
-            em.emit("stage_started", stage="render", message=str(cameras_json))
-            files = _render(scene, cameras_json, out_dir, size=size, device=str(dev), progress=em.progress_fn("render"))
-            em.emit("stage_finished", stage="render", seconds=0.0)
-        if STATE["json"]:
-            print_json({"ok": True, "files": [str(f) for f in files]})
-        else:
-            out.print(f"rendered {len(files)} views into {out_dir}")
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    if not 16 <= size <= 4096:
+        raise UsageError(f"--size {size} is out of range", hint="use 16..4096")
+    scene = Scene.load(Path(run_dir) / "04_fit")
+    dev, _ = resolve_device(device.value if device else "auto")
+    with EventPrinter(progress.value, quiet) as printer:
+        em = Emitter(printer, Path(run_dir).name)
+        em.emit("stage_started", stage="render", message=str(cameras_json))
+        files = _render(scene, cameras_json, out_dir, size=size, device=str(dev), progress=em.progress_fn("render"))
+        em.emit("stage_finished", stage="render", seconds=0.0)
+    if STATE["json"]:
+        print_json({"ok": True, "files": [str(f) for f in files]})
+    else:
+        out.print(f"rendered {len(files)} views into {out_dir}")
 
 
 # ----------------------------------------------------------------------- presets
 @presets_app.command("list")
+@guarded
 def presets_list(json_: bool = JsonOpt):
     """List the presets."""
-    _setup(json_, False)
-    try:
-        from recon.config import preset_dict, preset_names
+    from recon.config import preset_dict, preset_names
 
-        names = preset_names()
-        if STATE["json"]:
-            print_json({"presets": {n: preset_dict(n) for n in names}})
-        else:
-            for n in names:
-                out.print(n)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    names = preset_names()
+    if STATE["json"]:
+        print_json({"presets": {n: preset_dict(n) for n in names}})
+    else:
+        for n in names:
+            out.print(n)
 
 
 @presets_app.command("show")
+@guarded
 def presets_show(name: str = typer.Argument(...), json_: bool = JsonOpt):
     """Show the fully resolved settings of a preset."""
-    _setup(json_, False)
-    try:
-        from recon.config import build_config, preset_text
+    from recon.config import build_config, preset_text
 
-        cfg = build_config(name)
-        if STATE["json"]:
-            print_json(cfg.to_dict())
-        else:
-            out.print(preset_text(name), markup=False)
-            out.print("# resolved:", markup=False)
-            import json as _j
+    cfg = build_config(name)
+    if STATE["json"]:
+        print_json(cfg.to_dict())
+    else:
+        out.print(preset_text(name), markup=False)
+        out.print("# resolved:", markup=False)
+        import json as _j
 
-            out.print(_j.dumps(cfg.to_dict(), indent=1), markup=False)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+        out.print(_j.dumps(cfg.to_dict(), indent=1), markup=False)
 
 
 # ------------------------------------------------------------------------ doctor
 @app.command()
+@guarded
 def doctor(json_: bool = JsonOpt):
     """Check the installation: python, torch, CUDA, gsplat, face models, ffmpeg, weights, nerfstudio."""
-    _setup(json_, False)
-    try:
-        from recon.doctor import run_checks
+    from recon.doctor import run_checks
 
-        checks = run_checks()
-        if STATE["json"]:
-            print_json({"ok": all(c["ok"] or not c["required"] for c in checks), "checks": checks})
-            return
-        from rich.table import Table
+    checks = run_checks()
+    if STATE["json"]:
+        print_json({"ok": all(c["ok"] or not c["required"] for c in checks), "checks": checks})
+        return
+    from rich.table import Table
 
-        t = Table(show_edge=False)
-        t.add_column("check"); t.add_column(""); t.add_column("detail")
-        for c in checks:
-            mark = "[green]ok[/]" if c["ok"] else ("[red]missing[/]" if c["required"] else "[yellow]absent[/]")
-            t.add_row(c["name"], mark, c["detail"] + (f"  [dim]({c['hint']})[/]" if c.get("hint") and not c["ok"] else ""))
-        out.print(t)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    t = Table(show_edge=False)
+    t.add_column("check"); t.add_column(""); t.add_column("detail")
+    for c in checks:
+        mark = "[green]ok[/]" if c["ok"] else ("[red]missing[/]" if c["required"] else "[yellow]absent[/]")
+        t.add_row(c["name"], mark, c["detail"] + (f"  [dim]({c['hint']})[/]" if c.get("hint") and not c["ok"] else ""))
+    out.print(t)
 
 
 # ----------------------------------------------------------------------- weights
@@ -483,92 +442,72 @@ class DType(str, Enum):
 
 
 @weights_app.command("convert")
+@guarded
 def weights_convert(model: WeightsModel = typer.Option(..., "--model", help="dp360, backhead or panohead."),
                     src: Path = typer.Option(..., "--src", help="Official checkpoint (.th or .pkl)."),
                     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (diffusers format / safetensors)."),
                     dtype: DType = typer.Option(DType.fp16, "--dtype"), json_: bool = JsonOpt,
                     progress: ProgressMode = ProgressOpt, debug: bool = DebugOpt):
     """Convert an official checkpoint (safely: no code in it ever runs)."""
-    _setup(json_, debug)
-    try:
-        from recon.events import Emitter
-        from recon.weights import convert
+    from recon.events import Emitter
+    from recon.weights import convert
 
-        with EventPrinter(progress.value) as printer:
-            em = Emitter(printer, model.value)
-            em.emit("stage_started", stage="convert", message=str(src))
-            report = convert(model.value, src, out_dir, dtype=dtype.value, progress=em.progress_fn("convert"))
-            em.emit("stage_finished", stage="convert", seconds=0.0)
-        if STATE["json"]:
-            print_json({"ok": True, **report})
-        else:
-            out.print(f"converted {src} → {out_dir}")
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    with EventPrinter(progress.value) as printer:
+        em = Emitter(printer, model.value)
+        em.emit("stage_started", stage="convert", message=str(src))
+        report = convert(model.value, src, out_dir, dtype=dtype.value, progress=em.progress_fn("convert"))
+        em.emit("stage_finished", stage="convert", seconds=0.0)
+    if STATE["json"]:
+        print_json({"ok": True, **report})
+    else:
+        out.print(f"converted {src} → {out_dir}")
 
 
 @weights_app.command("download")
+@guarded
 def weights_download(to: Optional[Path] = typer.Option(None, "--to", help="Weights folder (default $P3D_WEIGHTS or ~/.cache/portrait3d/weights)."),
                      from_dir: Optional[Path] = typer.Option(None, "--from", help="Use already downloaded files from this folder."),
                      json_: bool = JsonOpt, progress: ProgressMode = ProgressOpt, debug: bool = DebugOpt):
     """Fetch the official DiffPortrait360 + PanoHead weights (Hugging Face) and convert them."""
-    _setup(json_, debug)
-    try:
-        from recon.events import Emitter
-        from recon.weights import download
+    from recon.events import Emitter
+    from recon.weights import download
 
-        with EventPrinter(progress.value) as printer:
-            em = Emitter(printer, "weights")
-            report = download(to, from_dir=from_dir, progress=em.progress_fn("download"))
-        print_json({"ok": True, **report}) if STATE["json"] else out.print(f"weights ready in {report.get('root', to)}")
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    with EventPrinter(progress.value) as printer:
+        em = Emitter(printer, "weights")
+        report = download(to, from_dir=from_dir, progress=em.progress_fn("download"))
+    print_json({"ok": True, **report}) if STATE["json"] else out.print(f"weights ready in {report.get('root', to)}")
 
 
 @weights_app.command("list")
+@guarded
 def weights_list(json_: bool = JsonOpt, debug: bool = DebugOpt):
     """What weights are present, converted and usable."""
-    _setup(json_, debug)
-    try:
-        from recon.weights import list_weights
+    from recon.weights import list_weights
 
-        rows = list_weights()
-        if STATE["json"]:
-            print_json({"ok": True, "weights": rows})
-        else:
-            from rich.table import Table
+    rows = list_weights()
+    if STATE["json"]:
+        print_json({"ok": True, "weights": rows})
+    else:
+        from rich.table import Table
 
-            t = Table(show_edge=False)
-            cols = sorted({k for r in rows for k in r})
-            for c in cols:
-                t.add_column(c)
-            for r in rows:
-                t.add_row(*[str(r.get(c, "")) for c in cols])
-            out.print(t)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+        t = Table(show_edge=False)
+        cols = sorted({k for r in rows for k in r})
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[str(r.get(c, "")) for c in cols])
+        out.print(t)
 
 
 @weights_app.command("verify")
+@guarded
 def weights_verify(target: str = typer.Argument("all", help="dp360, backhead, panohead, all, or a converted folder."),
                    json_: bool = JsonOpt, debug: bool = DebugOpt):
     """Check converted weights: configs, tensor headers, shapes."""
-    _setup(json_, debug)
-    try:
-        from recon.weights import verify
+    from recon.weights import verify
 
-        report = verify(target)
-        print_json({"ok": True, **report}) if STATE["json"] else out.print(report)
-    except BaseException as e:  # noqa: BLE001
-        if isinstance(e, SystemExit):
-            raise
-        _fail(e)
+    report = verify(target)
+    print_json({"ok": True, **report}) if STATE["json"] else out.print(report)
 
 
 # -------------------------------------------------------------------------- entry

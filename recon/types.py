@@ -7,7 +7,6 @@ normalised intrinsics).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from . import cameras
 from .errors import InputError
 from .imageio_safe import read_png_rgba, write_png
+from .rundir import file_digest as sha256_of
 
 
 def _jsonable(x: Any) -> Any:
@@ -246,14 +246,6 @@ class Scene:
 
 
 # ----------------------------------------------------------------------------- Assets
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Assets:
     """What export wrote: every file with size and sha256 (the `assets.json` object)."""
