@@ -65,7 +65,9 @@ class ViewsConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    method: str = "splat"           # splat (our CPU rasterizer / gsplat on CUDA)
+    method: str = "splat"           # splat (our CPU rasterizer / gsplat on CUDA) | nerfstudio-splatfacto | nerfstudio-nerfacto
+    nerfstudio_bin: str | None = None     # folder holding ns-train / ns-export (default: found on PATH)
+    nerfstudio_python: str | None = None  # or: the python of nerfstudio's environment (runs its scripts with -m)
     steps: int = 600
     resolution: int = 128           # training resolution (views are resized)
     num_init: int = 6000            # initial Gaussians from the visual hull
@@ -100,6 +102,7 @@ class ExportConfig:
     turntable_fps: int = 30
     turntable_resolution: int = 384
     turntable_elevation: float = 0.0
+    turntable_source: str = "splats"  # splats (render_scene) | mesh (the textured LOD0; no splat renderer needed)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class RunConfig:
 
 SECTIONS = ("preprocess", "views", "fit", "export")
 VALID_FORMATS = ("glb", "obj", "ply", "splat", "mp4", "gif")
+FIT_METHODS = ("splat", "nerfstudio-splatfacto", "nerfstudio-nerfacto")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -295,6 +299,10 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError(f"views.num_views={cfg.views.num_views} is out of range", hint="use 4..360 (default 36)")
     if cfg.views.resolution not in (128, 256, 384, 512, 768, 1024):
         raise UsageError(f"views.resolution={cfg.views.resolution} is not supported", hint="use 128, 256, 384, 512, 768 or 1024")
+    if cfg.fit.method not in FIT_METHODS:
+        close = difflib.get_close_matches(cfg.fit.method, FIT_METHODS, n=2)
+        raise UsageError(f"unknown fit method {cfg.fit.method!r}",
+                         hint=("did you mean " + ", ".join(close) + "? " if close else "") + f"methods: {', '.join(FIT_METHODS)}")
     if cfg.fit.steps < 1 or cfg.fit.resolution < 16:
         raise UsageError("fit.steps must be >= 1 and fit.resolution >= 16")
     if cfg.export.faces < 100:
