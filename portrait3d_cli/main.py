@@ -144,7 +144,7 @@ def _print_result(result) -> None:
         err.print("[yellow]note: views come from the weight-free proxy head — a preview, not DiffPortrait360[/]")
     m = result.metrics or {}
     if m:
-        bits = [f"{k}={m[k]:.2f}" for k in ("train_psnr", "heldout_psnr", "heldout_ssim", "heldout_alpha_iou") if isinstance(m.get(k), (int, float))]
+        bits = [f"{k}={m[k]:.2f}" for k in ("train_psnr", "test_psnr", "test_ssim", "test_alpha_iou") if isinstance(m.get(k), (int, float))]
         if bits:
             err.print("fit: " + "  ".join(bits))
     if result.assets and result.assets.files:

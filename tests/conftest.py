@@ -1,6 +1,9 @@
 import os
 from pathlib import Path
 
+# Before torch loads anywhere in the test process (see recon/__init__.py for why).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]

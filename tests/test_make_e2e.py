@@ -44,7 +44,7 @@ def test_make_writes_every_asset(run):
     assert json.loads((out / "assets.json").read_text())["files"] == doc["assets"]["files"]
     assert (out / "03_views" / "dataset.json").is_file() and (out / "03_views" / "contact_sheet.png").is_file()
     metrics = json.loads((out / "04_fit" / "fit_metrics.json").read_text())
-    assert metrics["heldout_psnr"] > 12 and metrics["train_psnr"] > 12
+    assert metrics["test_psnr"] > 12 and metrics["train_psnr"] > 12 and metrics["test_alpha_iou"] > 0.7
     assert "proxy" in r.stderr  # says which back-end it chose and why
     assert kinds
 

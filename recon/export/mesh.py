@@ -585,7 +585,9 @@ def build_lods(lod0: TexturedMesh, fractions, faces: int) -> list[TexturedMesh]:
                 break
             target = max(4, int(target * budget / got * 0.98))
         if got > budget:
-            raise StageError(f"LOD at {f} of the budget has {got} faces > {budget}", hint="use larger export.lods fractions",
+            raise StageError(f"LOD at {f} of the budget has {got} faces > {budget}: LOD0's texture seams stop the "
+                             "texture-preserving decimation there",
+                             hint="raise export.faces or use larger export.lods fractions (e.g. --set export.lods=1,0.5)",
                              stage="export")
         m = ms.current_mesh()
         v, fc = m.vertex_matrix(), m.face_matrix()
