@@ -120,6 +120,58 @@ def _panohead_ring(cfg: ViewsConfig, num_views: int, device, progress: ProgressF
                                  progress=progress)
 
 
+def _panohead_noise_folder(cfg: ViewsConfig):
+    """The converted PanoHead folder when the 3D-aware noise comes from its inversion
+    (noise = panohead, or auto with PanoHead weights present), else None."""
+    if cfg.noise not in ("auto", "panohead", "proxy", "none"):
+        raise UsageError(f"unknown views.noise {cfg.noise!r}", hint="use auto, panohead, proxy or none")
+    if cfg.noise not in ("auto", "panohead"):
+        return None
+    from .weights import find_weights, weights_home
+
+    folder = find_weights("panohead", cfg.weights_dir)
+    if folder is None and cfg.noise == "panohead":
+        raise MissingError(f"views.noise=panohead needs converted PanoHead weights (none in "
+                           f"{cfg.weights_dir or weights_home()})",
+                           hint="run `portrait3d weights download` (or `weights convert --model panohead`), "
+                                "or use views.noise=auto / proxy")
+    return folder
+
+
+def _panohead_inversion(portrait: Portrait, cfg: ViewsConfig, folder, device, progress: ProgressFn | None):
+    """PanoHead inversion of the portrait (DESIGN §6-7): (N, H, W, 4) RGBA ring renders for
+    the 3D-aware noise, the coarse head surface points (or None) and notes for the ViewSet."""
+    import torch
+    import torch.nn.functional as F
+
+    from .panohead import invert
+    from .panohead.convert import load_generator
+    from .panohead.perceptual import PerceptualLoss, load_perceptual_weights
+    from .weights import perceptual_paths
+
+    G = load_generator(folder, device=device)
+    paths = perceptual_paths(cfg.weights_dir)
+    net = load_perceptual_weights(PerceptualLoss(), *paths) if paths else None
+    icfg = invert.InversionConfig(w_steps=cfg.inversion_steps, finetune_steps=cfg.inversion_finetune_steps,
+                                  seed=cfg.seed)
+    res = invert.invert_portrait(G, portrait, num_views=cfg.num_views, pitches=cfg.elevation, config=icfg,
+                                 perceptual=net, ring_output=icfg.target, progress=progress)
+    # masks are at the neural rendering resolution: bring them to the renders' size for alpha
+    h, w = res.renders.shape[1:3]
+    m = torch.from_numpy(np.ascontiguousarray(res.masks)).float()[:, None]
+    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[:, 0].round().clamp(0, 255)
+    rgba = np.concatenate([res.renders, m.to(torch.uint8).numpy()[..., None]], axis=-1)
+    info = {"w_steps": icfg.w_steps, "finetune_steps": icfg.finetune_steps, "target": icfg.target,
+            "loss": res.finetune_losses[-1] if res.finetune_losses else (res.w_losses[-1] if res.w_losses else None),
+            "perceptual": net is not None, "notes": list(res.notes)}
+    try:  # the coarse geometry is a bonus for fitting: its absence is recorded, not fatal
+        points = invert.coarse_geometry(res.generator, res.ws)
+    except StageError as e:
+        points = None
+        info["notes"].append(f"no coarse geometry: {e.message}")
+    return rgba, points, info
+
+
 def views(portrait: Portrait, back: BackView, config: ViewsConfig | None = None, *, backend: str = "proxy",
           device: str = "auto", progress: ProgressFn | None = None) -> ViewSet:
     """N view-consistent views on the 360 ring."""
@@ -128,16 +180,25 @@ def views(portrait: Portrait, back: BackView, config: ViewsConfig | None = None,
         from .diffusion.stage import diffusion_views
         from .runtime import runtime
 
-        noise = None
-        if cfg.noise in ("auto", "proxy"):
-            # 3D-aware noise from the proxy head until a PanoHead inversion provides it.
+        rt = runtime(device, cfg.dtype)
+        noise, points, info = None, None, None
+        ph_folder = _panohead_noise_folder(cfg)
+        if ph_folder is not None:
+            # official: 3D-aware noise from renders of the PanoHead inversion of the input
+            noise, points, info = _panohead_inversion(portrait, cfg, ph_folder, rt.device, progress)
+        elif cfg.noise in ("auto", "proxy"):
+            # no PanoHead weights: 3D-aware noise from the proxy head
             head = _proxy_head(portrait, cfg)
             ring = cameras.ring_cam2world(cfg.num_views, cameras.elevation_to_v(cfg.elevation))
             K = np.repeat(cameras.INTRINSICS_NORM[None], cfg.num_views, 0)
             noise, _ = head.render(ring, K, cfg.resolution, cfg.resolution)
-        rt = runtime(device, cfg.dtype)
-        return diffusion_views(portrait, back, cfg, rt, condition_images=_panohead_ring(cfg, cfg.num_views, rt.device, progress),
-                               noise_renders=noise, progress=progress)
+        vs = diffusion_views(portrait, back, cfg, rt, condition_images=_panohead_ring(cfg, cfg.num_views, rt.device, progress),
+                             noise_renders=noise, progress=progress)
+        vs.meta["noise_source"] = "panohead" if info is not None else ("proxy" if noise is not None else "none")
+        if info is not None:
+            vs.meta["inversion"] = info
+            vs.init_points = np.asarray(points, dtype=np.float32) if points is not None and len(points) else None
+        return vs
     from .proxy import proxy_views
 
     return proxy_views(portrait, back, cfg, head=_proxy_head(portrait, cfg), progress=progress)
@@ -159,8 +220,13 @@ def fit(view_set: ViewSet, config: FitConfig | None = None, *, device: str = "au
 
         work = Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="p3d-nerfstudio-"))
         return fit_nerfstudio(view_set, cfg, work, progress, device=str(dev))
+    pts = view_set.init_points
+    if pts is not None and len(pts) > min(cfg.num_init, cfg.max_gaussians):
+        # the PanoHead surface has more vertices than the fit starts with: a seeded subset
+        pick = np.random.default_rng(cfg.seed).choice(len(pts), min(cfg.num_init, cfg.max_gaussians), replace=False)
+        pts = pts[np.sort(pick)]
     return fit_splats(view_set, cfg, device=str(dev), checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-                      progress=progress)
+                      init_points=pts, progress=progress)
 
 
 def _render_fn(scene: Scene, device: str = "cpu"):

@@ -58,6 +58,8 @@ class ViewsConfig:
     condition_dir: str | None = None
     weights_dir: str | None = None
     noise: str = "auto"             # auto | panohead | proxy | none: source of 3D-aware noise
+    inversion_steps: int = 200      # PanoHead W+ optimisation steps (noise from the inversion)
+    inversion_finetune_steps: int = 5  # then generator fine-tune steps on the found w
     # proxy back-end
     proxy_detail: int = 256         # proxy head surface grid resolution
     proxy_texture: int = 1024       # proxy head texture resolution

@@ -133,9 +133,15 @@ class ViewSet:
     backend: str = "unknown"
     preview: bool = False              # True for the weight-free proxy back-end
     meta: dict = field(default_factory=dict)
+    init_points: np.ndarray | None = None  # (P, 3) float32 coarse head surface (PanoHead inversion) to start fitting from
 
     def __post_init__(self):
         n = len(self.names)
+        if self.init_points is not None:
+            pts = np.asarray(self.init_points, dtype=np.float32)
+            if pts.ndim != 2 or pts.shape[1] != 3 or not len(pts) or not np.isfinite(pts).all():
+                raise InputError(f"ViewSet init_points must be a non-empty finite (P, 3) array, got {pts.shape}")
+            self.init_points = pts
         if self.images.ndim != 4 or self.images.shape[0] != n or self.images.shape[-1] != 4:
             raise InputError(f"ViewSet images must be (N, H, W, 4) with N = {n}, got {self.images.shape}")
         if self.c2w.shape != (n, 4, 4) or self.K.shape != (n, 3, 3):
@@ -162,6 +168,8 @@ class ViewSet:
                                    [(n, cameras.label25(c, k)) for n, c, k in zip(self.names, self.c2w, self.K)])
         if self.depth is not None:
             np.savez_compressed(folder / "depth.npz", depth=self.depth.astype(np.float32))
+        if self.init_points is not None:
+            np.save(folder / "init_points.npy", self.init_points.astype(np.float32), allow_pickle=False)
         (folder / "viewset.json").write_text(json.dumps(_jsonable(
             {"backend": self.backend, "preview": self.preview, "count": len(self), "resolution": list(self.resolution), "meta": self.meta}), indent=1))
 
@@ -189,19 +197,27 @@ class ViewSet:
         if (folder / "depth.npz").is_file():
             with np.load(folder / "depth.npz", allow_pickle=False) as z:
                 depth = z["depth"]
+        init_points = None
+        if (folder / "init_points.npy").is_file():
+            try:
+                init_points = np.load(folder / "init_points.npy", allow_pickle=False)
+            except ValueError as e:
+                raise InputError(f"{folder}/init_points.npy is not a plain (P, 3) array ({e})",
+                                 hint="delete it, or rerun the views stage") from None
         meta = dict(info.get("meta", {}))
         if all(opaque):
             meta["alpha_missing"] = True  # no matte: fitting treats every pixel as foreground
         return cls(
             images=np.stack(imgs), c2w=np.stack([e[1] for e in entries]), K=np.stack([e[2] for e in entries]),
             names=[e[0] for e in entries], depth=depth, backend=info.get("backend", "external"),
-            preview=bool(info.get("preview", False)), meta=meta,
+            preview=bool(info.get("preview", False)), meta=meta, init_points=init_points,
         )
 
     def subset(self, idx) -> "ViewSet":
         idx = list(idx)
         return ViewSet(self.images[idx], self.c2w[idx], self.K[idx], [self.names[i] for i in idx],
-                       None if self.depth is None else self.depth[idx], self.backend, self.preview, dict(self.meta))
+                       None if self.depth is None else self.depth[idx], self.backend, self.preview, dict(self.meta),
+                       init_points=self.init_points)
 
 
 # ------------------------------------------------------------------------------ Scene

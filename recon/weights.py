@@ -8,6 +8,11 @@ Layout of the weights home ($P3D_WEIGHTS or ~/.cache/portrait3d/weights):
     backhead/        converted back-view model
     panohead/        converted PanoHead generator (recon.panohead.convert)
     inference_data/  inference_data.zip unpacked (the 32 camera-condition PNGs of the ring)
+    perceptual/      the PanoHead inversion's perceptual loss (recon.panohead.perceptual), as fetched:
+      vgg16-397923af.pth    torchvision's ImageNet VGG16 state dict (download.pytorch.org)
+      lpips_vgg_v0.1.pth    LPIPS v0.1 vgg linear layers (lpips/weights/v0.1/vgg.pth of the lpips
+                            package, from an installed `lpips` if there is one, else its GitHub repo)
+    Both are pickles: only ever read with torch.load(weights_only=True).
 
 Nothing here runs at import time and nothing downloads unless `download()` is called.
 """
@@ -30,7 +35,15 @@ RAW_FILES = {
     "conditions": "inference_data.zip",
 }
 CONVERTED = ("dp360", "backhead", "panohead")
-KINDS = CONVERTED + ("conditions",) + tuple(f"{k}_raw" for k in RAW_FILES)
+# The inversion's perceptual network: public files fetched by URL (not from HF_REPO) and used
+# as they are. name -> (url, sha256 or its prefix). torchvision names its files by the first
+# 8 hex digits of their sha256; the LPIPS file's full hash is the one in lpips 0.1.4's wheel RECORD.
+PERCEPTUAL_FILES = {
+    "vgg16-397923af.pth": ("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af"),
+    "lpips_vgg_v0.1.pth": ("https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+                           "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"),
+}
+KINDS = CONVERTED + ("conditions", "perceptual") + tuple(f"{k}_raw" for k in RAW_FILES)
 Progress = Callable[[int, int, str], None]
 
 
@@ -78,9 +91,13 @@ def condition_ring_dir(root: Path) -> Path | None:
 
 
 def find_weights(kind: str, home: str | os.PathLike | None = None) -> Path | None:
-    """Path of `kind` (dp360 | backhead | panohead | conditions | <kind>_raw) or None."""
+    """Path of `kind` (dp360 | backhead | panohead | conditions | perceptual | <kind>_raw) or None.
+    perceptual: the folder holding both PERCEPTUAL_FILES (see perceptual_paths)."""
     _check_kind(kind)
     h = _home(home)
+    if kind == "perceptual":
+        p = h / "perceptual"
+        return p if all((p / n).is_file() for n in PERCEPTUAL_FILES) else None
     if kind.endswith("_raw"):
         p = h / "raw" / RAW_FILES[kind[:-4]]
         return p if p.is_file() else None
@@ -88,6 +105,15 @@ def find_weights(kind: str, home: str | os.PathLike | None = None) -> Path | Non
         return condition_ring_dir(h / "inference_data")
     p = h / kind
     return p if _looks_converted(p) else None
+
+
+def perceptual_paths(home: str | os.PathLike | None = None) -> tuple[Path, Path] | None:
+    """(vgg16 weights, LPIPS lin weights) for load_perceptual_weights, or None when absent."""
+    folder = find_weights("perceptual", home)
+    if folder is None:
+        return None
+    vgg, lin = PERCEPTUAL_FILES
+    return folder / vgg, folder / lin
 
 
 def _size(path: Path) -> int:
@@ -117,6 +143,14 @@ def list_weights(home: str | os.PathLike | None = None) -> list[dict]:
             rep = verify(path, sample_tensors=0)
             row["usable"], row["reason"] = rep["ok"], "; ".join(rep["problems"]) or "ok"
         rows.append(row)
+    path = find_weights("perceptual", h)
+    have = [n for n in PERCEPTUAL_FILES if (h / "perceptual" / n).is_file()]
+    rows.append({"kind": "perceptual", "path": str(path) if path else None, "raw": None, "present": bool(have),
+                 "converted": None, "bytes": sum((h / "perceptual" / n).stat().st_size for n in have),
+                 "usable": path is not None,
+                 "reason": ("VGG16 + LPIPS lin weights (PanoHead inversion loss)" if path else
+                            f"missing {', '.join(n for n in PERCEPTUAL_FILES if n not in have)}: run "
+                            "`portrait3d weights download` (without them the inversion uses a pixel loss only)")})
     return rows
 
 
@@ -173,6 +207,8 @@ def verify(what: str | os.PathLike, home: str | os.PathLike | None = None, *, sa
     `sample_tensors` tensors of each file are finite. Returns
     {ok, path, problems: [...], files, tensors, parameters, checked_shapes}.
     """
+    if what == "perceptual":
+        return _verify_perceptual(_home(home))
     if what == "conditions":
         ring = find_weights("conditions", home)
         count = sum(1 for _ in ring.glob("*.png")) if ring else 0
@@ -253,6 +289,44 @@ def _prod(shape) -> int:
     return n
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_perceptual(home: Path) -> dict:
+    """Both files present, their sha256 as published, readable with weights_only=True."""
+    import torch
+
+    folder = home / "perceptual"
+    problems: list[str] = []
+    rep = {"ok": False, "path": str(folder), "problems": problems, "files": 0, "tensors": 0, "parameters": 0,
+           "checked_shapes": 0}
+    for name, (_, digest) in PERCEPTUAL_FILES.items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+            continue
+        if not _sha256(p).startswith(digest):
+            problems.append(f"{p} does not have the published sha256 ({digest}...)")
+            continue
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unsafe or corrupt pickle
+            problems.append(f"{p} is unreadable with weights_only=True ({e.__class__.__name__})")
+            continue
+        rep["files"] += 1
+        rep["tensors"] += len(sd)
+        rep["parameters"] += sum(int(t.numel()) for t in sd.values() if hasattr(t, "numel"))
+    rep["ok"] = not problems
+    return rep
+
+
 def _verify_raw(path: Path, rep: dict) -> dict:
     """Cheap checks of a released file without unpickling it."""
     problems = rep["problems"]
@@ -315,6 +389,66 @@ def _fetch(name: str, raw: Path, from_dir: Path | None) -> Path:
                            hint="check the network, or fetch the files elsewhere and use --from-dir") from None
 
 
+def _fetch_url(url: str, dst: Path, digest: str) -> Path:
+    """Stream `url` into dst (via dst.part, renamed once the sha256 matches)."""
+    import hashlib
+    import urllib.request
+
+    part = dst.with_name(dst.name + ".part")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as out:  # noqa: S310 - fixed https URLs
+            for block in iter(lambda: r.read(1 << 20), b""):
+                h.update(block)
+                out.write(block)
+    except Exception as e:  # noqa: BLE001 - network errors become one typed error
+        part.unlink(missing_ok=True)
+        raise WeightsError(f"could not download {url} ({e.__class__.__name__}: {e})",
+                           hint="check the network, or fetch the file elsewhere and use --from-dir") from None
+    if not h.hexdigest().startswith(digest):
+        part.unlink(missing_ok=True)
+        raise WeightsError(f"{url} does not have the published sha256 ({digest}...)", hint="download it again")
+    part.replace(dst)
+    return dst
+
+
+def _installed_lpips_vgg() -> Path | None:
+    """lpips/weights/v0.1/vgg.pth of an installed lpips package (not a dependency; used if present)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
+    return p if p.is_file() else None
+
+
+def fetch_perceptual(home: Path, from_dir: Path | None) -> Path:
+    """Put PERCEPTUAL_FILES into HOME/perceptual: from `from_dir` (same names), else the LPIPS
+    file from an installed lpips package or by URL, VGG16 by URL. Files already there and
+    matching their hash are kept."""
+    folder = home / "perceptual"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (url, digest) in PERCEPTUAL_FILES.items():
+        dst = folder / name
+        if dst.is_file() and _sha256(dst).startswith(digest):
+            continue
+        src = (Path(from_dir) / name) if from_dir is not None else None
+        if src is None and name.startswith("lpips_"):
+            src = _installed_lpips_vgg()
+        if from_dir is not None and not src.is_file():
+            raise WeightsError(f"{src} does not exist", hint=f"put {name} in {from_dir}, or download without --from-dir")
+        if src is not None:
+            if not _sha256(src).startswith(digest):
+                raise WeightsError(f"{src} does not have the published sha256 ({digest}...)",
+                                   hint=f"use the original file from {url}")
+            dst.unlink(missing_ok=True)
+            shutil.copy2(src, dst)
+        else:
+            _fetch_url(url, dst, digest)
+    return folder
+
+
 def convert(model: str, src: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp16",
             progress: Progress | None = None, config: str | os.PathLike | None = None) -> dict:
     """Convert a released checkpoint into our format: model = dp360 | backhead | panohead.
@@ -346,19 +480,28 @@ def convert(model: str, src: str | os.PathLike, out: str | os.PathLike, dtype: s
 
 
 def download(to: str | os.PathLike | None = None, from_dir: str | os.PathLike | None = None, *,
-             kinds: tuple[str, ...] = ("dp360", "backhead", "panohead", "conditions"), convert_after: bool = True,
+             kinds: tuple[str, ...] = ("dp360", "backhead", "panohead", "conditions", "perceptual"),
+             convert_after: bool = True,
              dtype: str = "fp16", configs: dict | None = None, progress: Progress | None = None) -> dict:
     """Fetch the released files into TO/raw (from the hub, or linked/copied from `from_dir`),
     unpack the condition images and convert the models. Already-done steps are skipped.
     `configs` {kind: official config path} is for checkpoints of another size (tests).
+    "perceptual" (the inversion's VGG16 + LPIPS weights, PERCEPTUAL_FILES) is fetched by URL
+    (or from `from_dir`) straight into HOME/perceptual; it needs no conversion.
     Returns {kind: {"raw": path, "converted": path | None, "note": str}}."""
     home = _home(to)
     raw = home / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    bad = [k for k in kinds if k not in RAW_FILES]
+    bad = [k for k in kinds if k not in RAW_FILES and k != "perceptual"]
     if bad:
-        raise UsageError(f"unknown weights kind {bad[0]!r}", hint=f"use {', '.join(RAW_FILES)}")
+        raise UsageError(f"unknown weights kind {bad[0]!r}", hint=f"use {', '.join(RAW_FILES)}, perceptual")
     report: dict = {}
+    if "perceptual" in kinds:
+        if progress:
+            progress(0, 1, "fetching the perceptual network (VGG16 + LPIPS)")
+        folder = fetch_perceptual(home, Path(from_dir) if from_dir is not None else None)
+        report["perceptual"] = {"raw": str(folder), "converted": str(folder), "note": "downloaded"}
+        kinds = tuple(k for k in kinds if k != "perceptual")
     total = len(kinds) * (2 if convert_after else 1)
     done = 0
     for kind in kinds:
@@ -449,4 +592,6 @@ def weights_revision(home: str | os.PathLike | None = None) -> dict:
             except (OSError, ValueError):
                 pass
         rev[kind] = {"files": sorted((p.name, p.stat().st_size) for p in _safetensors_files(folder))}
+    if find_weights("perceptual", h) is not None:  # the inversion's loss: changes its noise renders
+        rev["perceptual"] = {"files": sorted((n, (h / "perceptual" / n).stat().st_size) for n in PERCEPTUAL_FILES)}
     return rev

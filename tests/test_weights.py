@@ -52,7 +52,7 @@ def test_home_from_env_and_empty_listing(tmp_path, monkeypatch):
     assert weights.weights_home() == tmp_path / "w"
     assert weights.find_weights("dp360") is None
     rows = {r["kind"]: r for r in weights.list_weights()}
-    assert set(rows) == {"dp360", "backhead", "panohead", "conditions"}
+    assert set(rows) == {"dp360", "backhead", "panohead", "conditions", "perceptual"}
     assert not any(r["usable"] or r["present"] for r in rows.values())
     assert "download" in rows["dp360"]["reason"]
     with pytest.raises(UsageError):
@@ -182,3 +182,69 @@ def test_download_and_convert_tiny_checkpoints(tmp_path):
     again = weights.download(tmp_path / "home", from_dir=src, kinds=("dp360",), dtype="fp32", configs=configs)
     assert again["dp360"]["note"] == "already converted"
     assert json.dumps(weights.list_weights(tmp_path / "home"))
+
+
+# ------------------------------------------------------------------ perceptual net
+def _fake_perceptual(src, monkeypatch):
+    """Tiny state dicts with the torchvision / LPIPS key layouts under the released names;
+    the published hashes are replaced by theirs (the real files are 528 MB / 7 kB)."""
+    import hashlib
+
+    src.mkdir(parents=True, exist_ok=True)
+    vgg_name, lin_name = weights.PERCEPTUAL_FILES
+    torch.save({"features.0.weight": torch.randn(4, 3, 3, 3), "features.0.bias": torch.zeros(4)}, src / vgg_name)
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, 4, 1, 1) for k in range(5)}, src / lin_name)
+    table = {n: ("https://invalid.example/" + n, hashlib.sha256((src / n).read_bytes()).hexdigest())
+             for n in (vgg_name, lin_name)}
+    monkeypatch.setattr(weights, "PERCEPTUAL_FILES", table)
+    return vgg_name, lin_name
+
+
+def test_perceptual_download_from_dir_find_list_verify(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "_fetch_url", lambda *a: pytest.fail("used the network"))
+    home = tmp_path / "home"
+    assert weights.find_weights("perceptual", home) is None and weights.perceptual_paths(home) is None
+    row = {r["kind"]: r for r in weights.list_weights(home)}["perceptual"]
+    assert not row["usable"] and not row["present"] and "download" in row["reason"]
+    vgg_name, lin_name = _fake_perceptual(tmp_path / "src", monkeypatch)
+    rep = weights.download(home, from_dir=tmp_path / "src", kinds=("perceptual",))
+    assert rep["perceptual"]["converted"] == str(home / "perceptual")
+    assert weights.find_weights("perceptual", home) == home / "perceptual"
+    assert weights.perceptual_paths(home) == (home / "perceptual" / vgg_name, home / "perceptual" / lin_name)
+    row = {r["kind"]: r for r in weights.list_weights(home)}["perceptual"]
+    assert row["usable"] and row["bytes"] > 0
+    v = weights.verify("perceptual", home)
+    assert v["ok"] and v["files"] == 2 and v["tensors"] == 7
+    assert "perceptual" in weights.weights_revision(home)
+    # again: already there, nothing fetched (from_dir may be gone)
+    weights.download(home, from_dir=None, kinds=("perceptual",))
+    # a changed file fails verification
+    (home / "perceptual" / lin_name).write_bytes(b"junk")
+    assert not weights.verify("perceptual", home)["ok"]
+
+
+def test_perceptual_refuses_wrong_hash_and_missing_file(tmp_path, monkeypatch):
+    vgg_name, lin_name = _fake_perceptual(tmp_path / "src", monkeypatch)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "src" / lin_name)   # not the published file
+    with pytest.raises(WeightsError, match="sha256"):
+        weights.download(tmp_path / "home", from_dir=tmp_path / "src", kinds=("perceptual",))
+    (tmp_path / "src" / lin_name).unlink()
+    with pytest.raises(WeightsError, match="does not exist"):
+        weights.download(tmp_path / "home", from_dir=tmp_path / "src", kinds=("perceptual",))
+    assert weights.find_weights("perceptual", tmp_path / "home") is None
+
+
+def test_perceptual_uses_installed_lpips_then_urls(tmp_path, monkeypatch):
+    vgg_name, lin_name = _fake_perceptual(tmp_path / "src", monkeypatch)
+    monkeypatch.setattr(weights, "_installed_lpips_vgg", lambda: tmp_path / "src" / lin_name)
+    fetched = []
+
+    def fake_fetch(url, dst, digest):
+        fetched.append(url)
+        dst.write_bytes((tmp_path / "src" / dst.name).read_bytes())
+        return dst
+
+    monkeypatch.setattr(weights, "_fetch_url", fake_fetch)
+    weights.download(tmp_path / "home", kinds=("perceptual",))
+    assert fetched == [weights.PERCEPTUAL_FILES[vgg_name][0]]   # LPIPS came from the installed package
+    assert weights.find_weights("perceptual", tmp_path / "home") is not None
