@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 import traceback
 from enum import Enum
 from pathlib import Path
@@ -364,11 +365,12 @@ def render_cmd(run_dir: Path = typer.Argument(..., help="Run folder with a fitte
         raise UsageError(f"--size {size} is out of range", hint="use 16..4096")
     scene = Scene.load(Path(run_dir) / "04_fit")
     dev, _ = resolve_device(device.value if device else "auto")
-    with EventPrinter(progress.value, quiet) as printer:
+    with event_sink(progress.value, quiet) as printer:
         em = Emitter(printer, Path(run_dir).name)
+        t0 = time.time()
         em.emit("stage_started", stage="render", message=str(cameras_json))
         files = _render(scene, cameras_json, out_dir, size=size, device=str(dev), progress=em.progress_fn("render"))
-        em.emit("stage_finished", stage="render", seconds=0.0)
+        em.emit("stage_finished", stage="render", seconds=round(time.time() - t0, 3))
     if STATE["json"]:
         print_json({"ok": True, "files": [str(f) for f in files]})
     else:
@@ -454,9 +456,10 @@ def weights_convert(model: WeightsModel = typer.Option(..., "--model", help="dp3
 
     with EventPrinter(progress.value) as printer:
         em = Emitter(printer, model.value)
+        t0 = time.time()
         em.emit("stage_started", stage="convert", message=str(src))
         report = convert(model.value, src, out_dir, dtype=dtype.value, progress=em.progress_fn("convert"))
-        em.emit("stage_finished", stage="convert", seconds=0.0)
+        em.emit("stage_finished", stage="convert", seconds=round(time.time() - t0, 3))
     if STATE["json"]:
         print_json({"ok": True, **report})
     else:
