@@ -138,6 +138,31 @@ def from_opengl_c2w(c2w_gl: np.ndarray) -> np.ndarray:
     return np.asarray(c2w_gl, dtype=np.float64) @ np.diag([1.0, -1.0, -1.0, 1.0])
 
 
+def nerfstudio_to_world(transform, scale) -> tuple[np.ndarray, np.ndarray, float]:
+    """Inverse of nerfstudio's dataparser normalisation (`dataparser_transforms.json`).
+
+    nerfstudio maps a point p of the transforms.json frame (our world: we write
+    `to_opengl_c2w` poses, which change camera axes only) to p_ns = scale * (R p + t),
+    with transform = [R | t] (3x4). Returns (A, b, k) with p = k * A @ p_ns + b:
+    A = R^T (a rotation), b = -R^T t, k = 1 / scale.
+    """
+    T = np.asarray(transform, dtype=np.float64)
+    if T.shape == (4, 4):
+        T = T[:3]
+    if T.shape != (3, 4) or not np.all(np.isfinite(T)):
+        raise InputError(f"nerfstudio dataparser transform must be a finite 3x4 matrix, got shape {T.shape}",
+                         hint="read it from the run's dataparser_transforms.json")
+    s = float(scale)
+    if not (math.isfinite(s) and s > 0):
+        raise InputError(f"nerfstudio dataparser scale {scale!r} is not a positive number",
+                         hint="read it from the run's dataparser_transforms.json")
+    R, t = T[:, :3], T[:, 3]
+    if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
+        raise InputError("nerfstudio dataparser transform's 3x3 part is not a rotation",
+                         hint="only orientation methods up / pca / vertical / none (rotations) are supported")
+    return R.T, -R.T @ t, 1.0 / s
+
+
 def world_to_gltf(points: np.ndarray, head_height_world: float, head_height_m: float) -> np.ndarray:
     """Our world already is glTF's frame (+Y up, face toward +Z): only a scale to metres."""
     return np.asarray(points, dtype=np.float64) * (head_height_m / head_height_world)
