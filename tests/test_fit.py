@@ -13,14 +13,7 @@ from recon.types import Scene, ViewSet
 RADIUS = 0.2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine
-    OpenMP barriers stall badly: run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sphere_views(n=8, res=32, elev=(0.0, 25.0), alpha=True):

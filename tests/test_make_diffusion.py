@@ -9,7 +9,9 @@ import recon
 from recon.api import resolve_backend
 from recon.errors import MissingError
 
-from .test_dp360_pipeline_stage import _one_thread, home, ring  # noqa: F401  (module fixtures)
+from .test_dp360_pipeline_stage import home, ring  # noqa: F401  (module fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
 

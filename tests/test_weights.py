@@ -13,14 +13,7 @@ from recon.errors import MissingError, UsageError, WeightsError
 from tests.conftest import FIXTURES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models are dominated by per-op overhead: on a shared 2-core machine two
-    OpenMP threads per process spin against each other and run ~30x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png_bytes(value: int) -> bytes:
