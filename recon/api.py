@@ -111,13 +111,27 @@ def _panohead_ring(cfg: ViewsConfig, num_views: int, device, progress: ProgressF
     folder = find_weights("panohead", cfg.weights_dir)
     if folder is None:
         return None
-    from .panohead.convert import load_generator
     from .panohead.rings import render_condition_ring
 
-    G = load_generator(folder, device=device)
+    G = _panohead_generator(folder, device)
     return render_condition_ring(G, num_views, cfg.elevation, cache_dir=Path(cfg.weights_dir or weights_home()) / "rings",
                                  device=device,
                                  progress=progress)
+
+
+_PANOHEAD_CACHE: dict = {}
+
+
+def _panohead_generator(folder, device):
+    """One loaded PanoHead generator per (folder, device): the condition rings of the
+    backview and views stages and the inversion share it."""
+    from .panohead.convert import load_generator
+
+    key = (str(folder), str(device))
+    if key not in _PANOHEAD_CACHE:
+        _PANOHEAD_CACHE.clear()
+        _PANOHEAD_CACHE[key] = load_generator(folder, device=device)
+    return _PANOHEAD_CACHE[key]
 
 
 def _panohead_noise_folder(cfg: ViewsConfig):
@@ -145,11 +159,10 @@ def _panohead_inversion(portrait: Portrait, cfg: ViewsConfig, folder, device, pr
     import torch.nn.functional as F
 
     from .panohead import invert
-    from .panohead.convert import load_generator
     from .panohead.perceptual import PerceptualLoss, load_perceptual_weights
     from .weights import perceptual_paths
 
-    G = load_generator(folder, device=device)
+    G = _panohead_generator(folder, device)  # invert fine-tunes a copy: G itself stays as loaded
     paths = perceptual_paths(cfg.weights_dir)
     net = load_perceptual_weights(PerceptualLoss(), *paths) if paths else None
     icfg = invert.InversionConfig(w_steps=cfg.inversion_steps, finetune_steps=cfg.inversion_finetune_steps,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import MissingError, UsageError, WeightsError
+from .rundir import file_digest
 
 HF_REPO = "gym890/diffportrait360"
 RAW_FILES = {
@@ -289,14 +290,6 @@ def _prod(shape) -> int:
     return n
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _verify_perceptual(home: Path) -> dict:
@@ -312,7 +305,7 @@ def _verify_perceptual(home: Path) -> dict:
         if not p.is_file():
             problems.append(f"{p} is missing")
             continue
-        if not _sha256(p).startswith(digest):
+        if not file_digest(p).startswith(digest):
             problems.append(f"{p} does not have the published sha256 ({digest}...)")
             continue
         try:
@@ -431,7 +424,7 @@ def fetch_perceptual(home: Path, from_dir: Path | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, (url, digest) in PERCEPTUAL_FILES.items():
         dst = folder / name
-        if dst.is_file() and _sha256(dst).startswith(digest):
+        if dst.is_file() and file_digest(dst).startswith(digest):
             continue
         src = (Path(from_dir) / name) if from_dir is not None else None
         if src is None and name.startswith("lpips_"):
@@ -439,7 +432,7 @@ def fetch_perceptual(home: Path, from_dir: Path | None) -> Path:
         if from_dir is not None and not src.is_file():
             raise WeightsError(f"{src} does not exist", hint=f"put {name} in {from_dir}, or download without --from-dir")
         if src is not None:
-            if not _sha256(src).startswith(digest):
+            if not file_digest(src).startswith(digest):
                 raise WeightsError(f"{src} does not have the published sha256 ({digest}...)",
                                    hint=f"use the original file from {url}")
             dst.unlink(missing_ok=True)

@@ -204,7 +204,8 @@ def test_splatfacto_round_trip_returns_our_frame_exactly(fake_ns, monkeypatch):
     rng = np.random.default_rng(1)
     sh_ns = rng.normal(size=(n, 3, 3)) * 0.2                      # degree 1, nerfstudio frame
     # forward: what nerfstudio would hold, p_ns = s (R p + t), R_gauss_ns = R R_gauss
-    from recon.fit.nerfstudio import _quat_mul, _quat_of_matrix
+    from recon.export.splat_files import quat_mul as _quat_mul
+    from recon.fit.nerfstudio import _quat_of_matrix
 
     ns = {"means": S_NS * (world["means"] @ R_NS.T + T_NS),
           "quats": _quat_mul(_quat_of_matrix(R_NS)[None], world["quats"]) * 1.7,   # unnormalised is allowed

@@ -13,7 +13,6 @@ conversion of the 10.8 GB file never holds more than one tensor copy in RAM.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError, WeightsError
+from ..rundir import file_digest
 from .models import MODEL_KINDS, SUBMODELS, DP360Config, DP360Models
 from .models.motion import sinusoid_table
 
@@ -411,12 +411,6 @@ def _write_safetensors_streaming(path: Path, specs: list[tuple[str, tuple, torch
                 tick(name)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -526,7 +520,7 @@ def convert_checkpoint(
         "dtype": dtype,
         "source_file": src.name,
         "source_bytes": src.stat().st_size,
-        "source_sha256": _sha256(src) if sha256 else None,
+        "source_sha256": file_digest(src) if sha256 else None,
         "official_keys": len(sd),
         "ignored_keys": plan.ignored_by_reason(),
         "networks": counts,

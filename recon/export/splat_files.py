@@ -56,7 +56,7 @@ def scene_arrays(scene: Scene) -> dict[str, np.ndarray]:
     return out
 
 
-def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamilton product of wxyz quaternions (broadcasting)."""
     aw, ax, ay, az = np.moveaxis(a, -1, 0)
     bw, bx, by, bz = np.moveaxis(b, -1, 0)
@@ -83,7 +83,7 @@ def transform_arrays(arr: dict, pivot, scale: float, rotate_z180: bool = False) 
     if rotate_z180:
         out["means"][:, :2] *= -1
         rz = np.array([0.0, 0.0, 0.0, 1.0], np.float32)
-        out["quats"] = _quat_mul(rz, arr["quats"]).astype(np.float32)
+        out["quats"] = quat_mul(rz, arr["quats"]).astype(np.float32)
         sign = np.array([(-1.0) ** abs(_sh_m_of_index(k)) for k in range(arr["shN"].shape[1])], np.float32)
         out["shN"] = arr["shN"] * sign[None, :, None]
     return out

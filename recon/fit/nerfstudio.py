@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from .. import cameras
+from ..export.splat_files import quat_mul
 from ..config import FitConfig
 from ..errors import InputError, MissingError, StageError
 from ..imageio_safe import write_png
@@ -305,12 +306,6 @@ def rotate_sh(shN: np.ndarray, R_ns_from_world: np.ndarray) -> np.ndarray:
     return out
 
 
-def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    aw, ax, ay, az = np.moveaxis(a, -1, 0)
-    bw, bx, by, bz = np.moveaxis(b, -1, 0)
-    return np.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
-                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
-
 
 def _quat_of_matrix(R: np.ndarray) -> np.ndarray:
     """wxyz unit quaternion of a rotation matrix (Shepperd's method, numerically safe)."""
@@ -338,7 +333,7 @@ def splats_to_world(arr: dict[str, np.ndarray], transform, scale) -> dict[str, n
     out = dict(arr)
     out["means"] = (k * arr["means"] @ A.T + b).astype(np.float32)
     # the covariance rotates with A (rotation of a Gaussian: R_world = A R_ns)
-    out["quats"] = _quat_mul(_quat_of_matrix(A)[None], arr["quats"].astype(np.float64)).astype(np.float32)
+    out["quats"] = quat_mul(_quat_of_matrix(A)[None], arr["quats"].astype(np.float64)).astype(np.float32)
     out["scales"] = (arr["scales"] + math.log(k)).astype(np.float32)
     out["shN"] = rotate_sh(arr["shN"].astype(np.float64), A.T).astype(np.float32)
     return out
