@@ -61,6 +61,7 @@ UntilOpt = typer.Option(None, "--until", help="Stop after this stage.")
 FaceBoxOpt = typer.Option(None, "--face-box", help="Face box x,y,w,h in source pixels, for faces the detector misses.")
 YawOpt = typer.Option(None, "--yaw", help="Override the estimated head yaw (degrees, camera azimuth).")
 PitchOpt = typer.Option(None, "--pitch", help="Override the estimated head pitch (degrees, camera elevation).")
+CondOpt = typer.Option(None, "--condition-dir", help="Camera-condition ring for the diffusion back-end (e.g. the official 32 PNGs); default: rendered by PanoHead.")
 ProgressOpt = typer.Option(ProgressMode.auto, "--progress", help="Progress on stderr: auto, rich, plain, json (one event per line).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
 
@@ -119,6 +120,11 @@ def _parse_face_box(text: Optional[str]):
     return vals
 
 
+def _with_condition_dir(sets, condition_dir):
+    """--condition-dir DIR is shorthand for --set views.condition_dir=DIR."""
+    return [*(sets or []), f"views.condition_dir={condition_dir}"] if condition_dir is not None else sets
+
+
 def _config(preset, export, backend, views, seed, device, sets, face_box=None, yaw=None, pitch=None):
     from recon.api import make_config
 
@@ -175,10 +181,11 @@ def make(image: Path = typer.Argument(..., help="Portrait image (JPEG, PNG, WebP
          export: Optional[str] = ExportOpt, preset: str = PresetOpt, backend: Optional[Backend] = BackendOpt,
          views: Optional[int] = ViewsOpt, seed: Optional[int] = SeedOpt, device: Optional[Device] = DeviceOpt,
          json_: bool = JsonOpt, force: bool = ForceOpt, from_: Optional[str] = FromOpt, until: Optional[str] = UntilOpt,
-         set_: Optional[List[str]] = SetOpt, face_box: Optional[str] = FaceBoxOpt, yaw: Optional[float] = YawOpt,
+         set_: Optional[List[str]] = SetOpt, condition_dir: Optional[Path] = CondOpt, face_box: Optional[str] = FaceBoxOpt, yaw: Optional[float] = YawOpt,
          pitch: Optional[float] = PitchOpt, progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt,
          debug: bool = DebugOpt):
     """Portrait in, 3D head out: preprocess → backview → views → fit → export."""
+    set_ = _with_condition_dir(set_, condition_dir)
     from recon.api import make as _make
 
     cfg = _config(preset, export, backend, views, seed, device, set_, face_box, yaw, pitch)
@@ -209,9 +216,10 @@ def batch(source: Path = typer.Argument(..., metavar="FOLDER|LIST.txt|manifest.c
                                                                   "(lost worker, CUDA out of memory); bad input is never retried."),
           export: Optional[str] = ExportOpt, preset: str = PresetOpt, backend: Optional[Backend] = BackendOpt,
           views: Optional[int] = ViewsOpt, seed: Optional[int] = SeedOpt, device: Optional[Device] = DeviceOpt,
-          json_: bool = JsonOpt, force: bool = ForceOpt, set_: Optional[List[str]] = SetOpt,
+          json_: bool = JsonOpt, force: bool = ForceOpt, set_: Optional[List[str]] = SetOpt, condition_dir: Optional[Path] = CondOpt,
           progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Every image of a folder, list or manifest; bad images are reported and skipped. Exit 0 if all succeeded, 5 if any failed."""
+    set_ = _with_condition_dir(set_, condition_dir)
     from recon.batch import batch as _batch, json_event_stream
 
     cfg = _config(preset, export, backend, views, seed, device, set_)
@@ -280,9 +288,10 @@ def preprocess_cmd(image: Path = typer.Argument(..., help="Portrait image."),
 def views_cmd(run_dir: Path = typer.Argument(..., help="Run folder with a finished preprocess stage."),
               backend: Optional[Backend] = BackendOpt, views: Optional[int] = ViewsOpt, seed: Optional[int] = SeedOpt,
               device: Optional[Device] = DeviceOpt, preset: Optional[str] = typer.Option(None, "--preset", "-p"),
-              set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt, json_: bool = JsonOpt,
+              set_: Optional[List[str]] = SetOpt, condition_dir: Optional[Path] = CondOpt, force: bool = ForceOpt, json_: bool = JsonOpt,
               progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Generate the back view and the 360° ring of views."""
+    set_ = _with_condition_dir(set_, condition_dir)
     cfg = _run_config(run_dir, preset, None, backend, views, seed, device, set_)
     _print_result(_run_stages(run_dir, ["backview", "views"], cfg, force=force, progress=progress.value, quiet=quiet))
 

@@ -47,3 +47,13 @@ def test_explicit_diffusion_without_weights_is_exit_4(tmp_path):
     with pytest.raises(MissingError) as e:
         resolve_backend("diffusion", "cpu", str(tmp_path))
     assert e.value.exit_code == 4 and "weights download" in e.value.hint
+
+
+def test_condition_dir_flag_reaches_the_config(tmp_path):
+    from .test_cli_errors import cli
+
+    r = cli("make", PHOTO, "--out", tmp_path / "run", "--backend", "proxy", "--until", "preprocess",
+            "--condition-dir", tmp_path / "ring", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["views"]["condition_dir"] == str(tmp_path / "ring")
