@@ -15,6 +15,8 @@ We fit (recon.fit.splat.fit_splats, gsplat on CUDA, our rasterizer on CPU), then
     python benchmarks/bench_fit.py --preset preview     # the quick preset (250 steps at 96^2)
     python benchmarks/bench_fit.py --device cuda --set fit.resolution=512 --view-res 512
     python benchmarks/bench_fit.py --no-mesh --json out.json --set fit.steps=300
+    python benchmarks/bench_fit.py --preset preview --depth both      # mesh from median and from expected depth
+    python benchmarks/bench_fit.py --scene RUN/scene --depth both     # measure a saved scene, no fit
 
 Goals (issue 5): CPU (2 cores) held-out PSNR >= 26 dB within the preset's budget;
 GPU: PSNR >= 30 dB at 512^2 and Chamfer <= 1 % of head height within 30 s of fitting.
@@ -62,6 +64,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--ring", type=int, default=36)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--no-mesh", action="store_true", help="skip mesh extraction and Chamfer")
+    ap.add_argument("--depth", default="median", choices=("median", "expected", "both"),
+                    help="depth the meshing renders use (render_scene depth=); both: two meshes, one row set each")
+    ap.add_argument("--scene", default=None, help="skip the fit: load this saved scene (a --save folder) and measure it")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--save", default=None, help="folder to keep the fitted scene and the mesh (world units) in")
     args = ap.parse_args(argv)
@@ -92,7 +97,13 @@ def main(argv=None) -> dict:
             last[0] = time.perf_counter()
             print(f"  fit {step}/{total} {msg} ({time.perf_counter() - wall0:.0f} s)", flush=True)
 
-    scene, fm = fit_splats(views, fit_cfg, device=str(dev), progress=progress)
+    if args.scene:
+        from recon.types import Scene
+
+        scene = Scene.load(args.scene)
+        fm = {"train_psnr": float("nan"), "rasterizer": "(loaded: " + args.scene + ")"}
+    else:
+        scene, fm = fit_splats(views, fit_cfg, device=str(dev), progress=progress)
     fit_wall, fit_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
 
     if args.save:
@@ -110,7 +121,7 @@ def main(argv=None) -> dict:
         "heldout_psnr": psnr(pred_t[..., :3], target), "heldout_ssim": float(ssim(pred_t[..., :3], target)),
         "heldout_alpha_iou": alpha_iou(pred_t[..., 3:], gt_t[..., 3:]),
         "heldout_psnr_head": -10 * float(np.log10(max(mse_fg, 1e-12))),
-        "train_psnr": fm["train_psnr"], "rasterizer": fm["rasterizer"],
+        "train_psnr": fm["train_psnr"], "rasterizer": fm["rasterizer"], "pruned_outside": fm.get("pruned_outside"),
         "per_view_psnr": [psnr(pred_t[i:i + 1, ..., :3], target[i:i + 1]) for i in range(len(held))],
         "load_average": os.getloadavg()[0],
     }
@@ -118,38 +129,52 @@ def main(argv=None) -> dict:
     # (< 0: inside), separating the fit's own geometric bias from the export's
     with torch.no_grad():
         op = torch.sigmoid(scene.params["opacities"].float())
-        sd = head.surface.signed(scene.params["means"].float()[op > 0.5]).numpy()
+        sd_all = head.surface.signed(scene.params["means"].float()).numpy()
+        sd = sd_all[(op > 0.5).numpy()]
+        smin = torch.exp(scene.params["scales"].float()).min(dim=1).values.numpy()
     out["splat_signed_median_pct"] = 100 * float(np.median(sd)) / head.height if sd.size else None
+    out["splat_signed_opacity_mean_pct"] = 100 * float((sd_all * op.numpy()).sum() / op.numpy().sum()) / head.height
+    out["splat_min_axis_median_pct"] = 100 * float(np.median(smin)) / head.height
+    meshes = []
     if not args.no_mesh:
         from recon.export import scene_bounds
         from recon.export.mesh import bind_renderer, extract_mesh
 
-        t = time.perf_counter()
-        try:
-            mesh = extract_mesh(bind_renderer(render_scene, scene, background=None, device=str(dev)), cfg.export,
-                                views=views, bounds=scene_bounds(scene))
-        except Exception as e:  # noqa: BLE001  (report, keep the fit numbers)
-            out["mesh_error"] = f"{e.__class__.__name__}: {e}"
-        else:
-            out["mesh_s"] = time.perf_counter() - t
+        gt_pts = sample_surface(head.mesh(), 200_000, seed=2)
+        for depth in (("median", "expected") if args.depth == "both" else (args.depth,)):
+            key = "" if not meshes else f"_{depth}"      # the first mesh's numbers keep the plain keys
+            t = time.perf_counter()
+            try:
+                # LOD0 only: the geometry is measured, the smaller LODs add time (and their own failure modes)
+                mesh = extract_mesh(bind_renderer(render_scene, scene, background=None, device=str(dev), depth=depth),
+                                    replace(cfg.export, lods=(1.0,)), views=views, bounds=scene_bounds(scene))
+            except Exception as e:  # noqa: BLE001  (report, keep the fit numbers)
+                out["mesh_error" + key] = f"{e.__class__.__name__}: {e}"
+                continue
+            meshes.append((depth, key))
+            out["mesh_s" + key] = time.perf_counter() - t
             if args.save:
-                mesh.export(os.path.join(args.save, "mesh_world.ply"))
-            out["mesh_faces"] = int(len(mesh.faces))
+                mesh.export(os.path.join(args.save, f"mesh_world{key}.ply"))
+            out["mesh_faces" + key] = int(len(mesh.faces))
             mp = sample_surface(mesh, 100_000, seed=1)
-            cd = chamfer(mp, sample_surface(head.mesh(), 200_000, seed=2))
+            cd = chamfer(mp, gt_pts)
             h = head.height
             with torch.no_grad():
                 msd = head.surface.signed(torch.as_tensor(mp, dtype=torch.float32)).numpy()
-            out["mesh_signed_median_pct"] = 100 * float(np.median(msd)) / h
-            out["mesh_area_inside_2pct"] = float((msd < -0.02 * h).mean())   # share of area > 2 % of height inside
-            out.update({"chamfer_pct": 100 * cd["chamfer"] / h, "mesh_to_gt_pct": 100 * cd["to_gt"] / h,
-                        "gt_to_mesh_pct": 100 * cd["from_gt"] / h, "mesh_to_gt_p95_pct": 100 * cd["to_gt_p95"] / h,
-                        "gt_to_mesh_p95_pct": 100 * cd["from_gt_p95"] / h})
+            out["mesh_depth" + key] = depth
+            out["mesh_signed_median_pct" + key] = 100 * float(np.median(msd)) / h
+            out["mesh_signed_mean_pct" + key] = 100 * float(msd.mean()) / h
+            out["mesh_area_inside_2pct" + key] = float((msd < -0.02 * h).mean())   # share of area > 2 % of height inside
+            out.update({"chamfer_pct" + key: 100 * cd["chamfer"] / h, "mesh_to_gt_pct" + key: 100 * cd["to_gt"] / h,
+                        "gt_to_mesh_pct" + key: 100 * cd["from_gt"] / h,
+                        "mesh_to_gt_p95_pct" + key: 100 * cd["to_gt_p95"] / h,
+                        "gt_to_mesh_p95_pct" + key: 100 * cd["from_gt_p95"] / h})
 
     gpu = str(dev).startswith("cuda")
     rows = [("device / rasterizer", f"{out['device']} / {out['rasterizer']}"),
             ("fit", f"{out['steps']} steps at {res}^2, {out['num_gaussians']} Gaussians"),
             ("fit seconds (wall / CPU)", f"{fit_wall:.1f} / {fit_cpu:.1f}"),
+            ("Gaussians relocated for leaving the visual hull", f"{out['pruned_outside']}"),
             ("train PSNR (ring, dB)", f"{out['train_psnr']:.2f}"),
             ("held-out PSNR (dB)", f"{out['heldout_psnr']:.2f}  (goal >= {30 if gpu else 26})"),
             ("held-out PSNR, head pixels only (dB)", f"{out['heldout_psnr_head']:.2f}"),
@@ -157,15 +182,18 @@ def main(argv=None) -> dict:
             ("held-out alpha IoU", f"{out['heldout_alpha_iou']:.4f}")]
     if out["splat_signed_median_pct"] is not None:
         rows.append(("opaque splat centres, radial offset median %", f"{out['splat_signed_median_pct']:.2f}"))
-    if "chamfer_pct" in out:
-        rows += [("mesh faces", f"{out['mesh_faces']} (export {out['mesh_s']:.1f} s)"),
-                 ("Chamfer, % of head height", f"{out['chamfer_pct']:.3f}  (goal <= 1 on GPU)"),
-                 ("  mesh->GT / GT->mesh mean %", f"{out['mesh_to_gt_pct']:.3f} / {out['gt_to_mesh_pct']:.3f}"),
-                 ("  mesh->GT / GT->mesh p95 %", f"{out['mesh_to_gt_p95_pct']:.3f} / {out['gt_to_mesh_p95_pct']:.3f}"),
-                 ("  mesh radial offset, median % (<0 inside)", f"{out['mesh_signed_median_pct']:.2f}"),
-                 ("  mesh area > 2 % of height inside GT", f"{100 * out['mesh_area_inside_2pct']:.1f} %")]
-    elif "mesh_error" in out:
-        rows.append(("mesh", f"FAILED: {out['mesh_error']}"))
+    rows += [("all splat centres, opacity-weighted mean offset %", f"{out['splat_signed_opacity_mean_pct']:.2f}"),
+             ("splat smallest axis, median % of height", f"{out['splat_min_axis_median_pct']:.3f}")]
+    for depth, k in meshes:
+        rows += [(f"mesh ({depth} depth) faces", f"{out['mesh_faces' + k]} (export {out['mesh_s' + k]:.1f} s)"),
+                 ("Chamfer, % of head height", f"{out['chamfer_pct' + k]:.3f}  (goal <= 1 on GPU)"),
+                 ("  mesh->GT / GT->mesh mean %", f"{out['mesh_to_gt_pct' + k]:.3f} / {out['gt_to_mesh_pct' + k]:.3f}"),
+                 ("  mesh->GT / GT->mesh p95 %", f"{out['mesh_to_gt_p95_pct' + k]:.3f} / {out['gt_to_mesh_p95_pct' + k]:.3f}"),
+                 ("  signed bias: mean / median % (<0 inside)",
+                  f"{out['mesh_signed_mean_pct' + k]:.2f} / {out['mesh_signed_median_pct' + k]:.2f}"),
+                 ("  mesh area > 2 % of height inside GT", f"{100 * out['mesh_area_inside_2pct' + k]:.1f} %")]
+    for k in [k for k in out if k.startswith("mesh_error")]:
+        rows.append(("mesh", f"FAILED: {out[k]}"))
     rows.append(("load average (1 min)", f"{out['load_average']:.1f}"))
     w = max(len(r[0]) for r in rows)
     print("\n| " + "metric".ljust(w) + " | value |\n|" + "-" * (w + 2) + "|-------|")

@@ -62,6 +62,9 @@ FaceBoxOpt = typer.Option(None, "--face-box", help="Face box x,y,w,h in source p
 YawOpt = typer.Option(None, "--yaw", help="Override the estimated head yaw (degrees, camera azimuth).")
 PitchOpt = typer.Option(None, "--pitch", help="Override the estimated head pitch (degrees, camera elevation).")
 CondOpt = typer.Option(None, "--condition-dir", help="Camera-condition ring for the diffusion back-end (e.g. the official 32 PNGs); default: rendered by PanoHead.")
+FacesOpt = typer.Option(None, "--faces", metavar="N", help="Triangle budget of the mesh's LOD0 (checked after decimation; LODs are fractions of it).")
+TextureOpt = typer.Option(None, "--texture", metavar="SIZE", help="Texture size: 1k, 2k, 4k (or 256..8192 texels per side).")
+NormalMapOpt = typer.Option(None, "--normal-map/--no-normal-map", help="Also bake a tangent-space normal map of the dense surface (default: the preset's).")
 ProgressOpt = typer.Option(ProgressMode.auto, "--progress", help="Progress on stderr: auto, rich, plain, json (one event per line).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
 
@@ -118,6 +121,35 @@ def _parse_face_box(text: Optional[str]):
     if len(vals) != 4 or vals[2] <= 0 or vals[3] <= 0:
         raise UsageError(f"--face-box {text!r} is not x,y,w,h with positive w and h", hint="e.g. --face-box 120,80,260,260")
     return vals
+
+
+TEXTURE_NAMES = {"1k": 1024, "2k": 2048, "4k": 4096, "8k": 8192}
+
+
+def _parse_texture(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    from recon.config import TEXTURE_SIZES
+    from recon.errors import UsageError
+
+    t = text.strip().lower()
+    size = TEXTURE_NAMES.get(t) or (int(t) if t.isdigit() else None)
+    if size not in TEXTURE_SIZES:
+        raise UsageError(f"--texture {text!r} is not a texture size", hint="use 1k, 2k or 4k (or 256, 512, 1024, 2048, 4096, 8192)")
+    return size
+
+
+def _with_mesh_options(sets, faces=None, texture=None, normal_map=None):
+    """--faces/--texture/--normal-map are shorthands for --set export.faces=.../texture=.../normal_map=..."""
+    extra = []
+    if faces is not None:
+        extra.append(f"export.faces={faces}")
+    size = _parse_texture(texture)
+    if size is not None:
+        extra.append(f"export.texture={size}")
+    if normal_map is not None:
+        extra.append(f"export.normal_map={'true' if normal_map else 'false'}")
+    return [*(sets or []), *extra] if extra else sets
 
 
 def _with_condition_dir(sets, condition_dir):
@@ -182,10 +214,11 @@ def make(image: Path = typer.Argument(..., help="Portrait image (JPEG, PNG, WebP
          views: Optional[int] = ViewsOpt, seed: Optional[int] = SeedOpt, device: Optional[Device] = DeviceOpt,
          json_: bool = JsonOpt, force: bool = ForceOpt, from_: Optional[str] = FromOpt, until: Optional[str] = UntilOpt,
          set_: Optional[List[str]] = SetOpt, condition_dir: Optional[Path] = CondOpt, face_box: Optional[str] = FaceBoxOpt, yaw: Optional[float] = YawOpt,
-         pitch: Optional[float] = PitchOpt, progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt,
+         pitch: Optional[float] = PitchOpt, faces: Optional[int] = FacesOpt, texture: Optional[str] = TextureOpt,
+         normal_map: Optional[bool] = NormalMapOpt, progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt,
          debug: bool = DebugOpt):
     """Portrait in, 3D head out: preprocess → backview → views → fit → export."""
-    set_ = _with_condition_dir(set_, condition_dir)
+    set_ = _with_mesh_options(_with_condition_dir(set_, condition_dir), faces, texture, normal_map)
     from recon.api import make as _make
 
     cfg = _config(preset, export, backend, views, seed, device, set_, face_box, yaw, pitch)
@@ -217,9 +250,10 @@ def batch(source: Path = typer.Argument(..., metavar="FOLDER|LIST.txt|manifest.c
           export: Optional[str] = ExportOpt, preset: str = PresetOpt, backend: Optional[Backend] = BackendOpt,
           views: Optional[int] = ViewsOpt, seed: Optional[int] = SeedOpt, device: Optional[Device] = DeviceOpt,
           json_: bool = JsonOpt, force: bool = ForceOpt, set_: Optional[List[str]] = SetOpt, condition_dir: Optional[Path] = CondOpt,
+          faces: Optional[int] = FacesOpt, texture: Optional[str] = TextureOpt, normal_map: Optional[bool] = NormalMapOpt,
           progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Every image of a folder, list or manifest; bad images are reported and skipped. Exit 0 if all succeeded, 5 if any failed."""
-    set_ = _with_condition_dir(set_, condition_dir)
+    set_ = _with_mesh_options(_with_condition_dir(set_, condition_dir), faces, texture, normal_map)
     from recon.batch import batch as _batch, json_event_stream
 
     cfg = _config(preset, export, backend, views, seed, device, set_)
@@ -327,9 +361,11 @@ def fit_cmd(source: Path = typer.Argument(..., help="A run folder with views, or
 @guarded
 def export_cmd(run_dir: Path = typer.Argument(..., help="Run folder with a fitted scene."),
                export: Optional[str] = ExportOpt, preset: Optional[str] = typer.Option(None, "--preset", "-p"),
-               set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt, json_: bool = JsonOpt,
+               set_: Optional[List[str]] = SetOpt, faces: Optional[int] = FacesOpt, texture: Optional[str] = TextureOpt,
+               normal_map: Optional[bool] = NormalMapOpt, force: bool = ForceOpt, json_: bool = JsonOpt,
                progress: ProgressMode = ProgressOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt):
     """Export meshes (GLB/OBJ/PLY), splats (.ply/.splat) and turntables (mp4/gif)."""
+    set_ = _with_mesh_options(set_, faces, texture, normal_map)
     cfg = _run_config(run_dir, preset, export, None, None, None, None, set_)
     _print_result(_run_stages(run_dir, ["export"], cfg, force=force, progress=progress.value, quiet=quiet))
 

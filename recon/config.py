@@ -70,6 +70,7 @@ class FitConfig:
     method: str = "splat"           # splat (our CPU rasterizer / gsplat on CUDA) | nerfstudio-splatfacto | nerfstudio-nerfacto
     nerfstudio_bin: str | None = None     # folder holding ns-train / ns-export (default: found on PATH)
     nerfstudio_python: str | None = None  # or: the python of nerfstudio's environment (runs its scripts with -m)
+    nerfstudio_args: tuple[str, ...] = ()  # extra ns-train options, e.g. ["--pipeline.datamanager.train-num-rays-per-batch", "1024"]
     steps: int = 600
     resolution: int = 128           # training resolution (views are resized)
     num_init: int = 6000            # initial Gaussians from the visual hull
@@ -83,10 +84,13 @@ class FitConfig:
     lr_shN: float = 1.25e-4
     ssim_weight: float = 0.2
     alpha_weight: float = 0.1
+    flatten_weight: float = 0.0     # loss weight on the mean smallest Gaussian axis (flat, surfel-like splats; 0 = off)
+    prune_outside: bool = True      # relocate Gaussians whose centres leave the views' visual hull (+2 voxels)
     holdout_every: int = 9          # every k-th view is held out for metrics (0 = none)
     checkpoint_every: int = 100
     batch_views: int = 2
     tile_size: int = 16
+    strategy: str = "auto"          # auto (gsplat-mcmc on CUDA, torch-mcmc elsewhere) | gsplat-mcmc | torch-mcmc
     seed: int = 0
     device: str = "auto"
 
@@ -96,6 +100,7 @@ class ExportConfig:
     formats: tuple[str, ...] = ("glb", "splat", "mp4")
     faces: int = 40000              # triangle budget of LOD0 (checked after decimation)
     lods: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
+    lods_in_glb: bool = True        # head.glb carries LOD1+ as MSFT_lod nodes (LOD0 stays the scene node)
     texture: int = 1024             # albedo texture side
     head_height_m: float = 0.25     # real-world height the mesh is scaled to (metres)
     mesh_resolution: int = 128      # TSDF / marching-cubes grid
@@ -104,7 +109,10 @@ class ExportConfig:
     turntable_fps: int = 30
     turntable_resolution: int = 384
     turntable_elevation: float = 0.0
-    turntable_source: str = "splats"  # splats (render_scene) | mesh (the textured LOD0; no splat renderer needed)
+    turntable_source: str = "splats"  # splats (render_scene) | mesh (the textured LOD0) | both (turntable.mp4 + turntable_mesh.mp4)
+    splat_orientation: str = "gltf"   # gltf (+Y up, overlays the GLB) | supersplat (Y down: opens upright in SuperSplat)
+    face_texel_scale: float = 2.0     # UV atlas: linear texel density of the face region / the rest (1.0 = uniform)
+    normal_map: bool = False          # bake a tangent-space normal map of the dense surface per LOD
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,9 @@ class RunConfig:
 SECTIONS = ("preprocess", "views", "fit", "export")
 VALID_FORMATS = ("glb", "obj", "ply", "splat", "mp4", "gif")
 FIT_METHODS = ("splat", "nerfstudio-splatfacto", "nerfstudio-nerfacto")
+TEXTURE_SIZES = (256, 512, 1024, 2048, 4096, 8192)
+TURNTABLE_SOURCES = ("splats", "mesh", "both")
+SPLAT_ORIENTATIONS = ("gltf", "supersplat")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -305,11 +316,28 @@ def validate(cfg: RunConfig) -> None:
         close = difflib.get_close_matches(cfg.fit.method, FIT_METHODS, n=2)
         raise UsageError(f"unknown fit method {cfg.fit.method!r}",
                          hint=("did you mean " + ", ".join(close) + "? " if close else "") + f"methods: {', '.join(FIT_METHODS)}")
+    if cfg.fit.strategy not in ("auto", "gsplat-mcmc", "torch-mcmc"):
+        raise UsageError(f"unknown fit.strategy {cfg.fit.strategy!r}", hint="use auto, gsplat-mcmc (CUDA) or torch-mcmc")
     if cfg.fit.steps < 1 or cfg.fit.resolution < 16:
         raise UsageError("fit.steps must be >= 1 and fit.resolution >= 16")
     if cfg.export.faces < 100:
         raise UsageError(f"export.faces={cfg.export.faces} is too small", hint="use at least 100 triangles")
     if not all(0 < x <= 1 for x in cfg.export.lods):
         raise UsageError(f"export.lods={cfg.export.lods} must be fractions in (0, 1]", hint="e.g. 1,0.5,0.25,0.1")
+    if any(b >= a for a, b in zip(cfg.export.lods, cfg.export.lods[1:])):
+        raise UsageError(f"export.lods={cfg.export.lods} must be strictly decreasing", hint="e.g. 1,0.5,0.25,0.1")
+    tex = cfg.export.texture
+    if tex not in TEXTURE_SIZES:
+        raise UsageError(f"export.texture={tex} is not a supported texture size",
+                         hint="use 1k, 2k, 4k (or 256, 512, 1024, 2048, 4096, 8192)")
+    if cfg.export.turntable_source not in TURNTABLE_SOURCES:
+        raise UsageError(f"export.turntable_source={cfg.export.turntable_source!r} is not one of {', '.join(TURNTABLE_SOURCES)}",
+                         hint="splats renders the Gaussians, mesh the textured LOD0, both writes one video of each")
+    if cfg.export.splat_orientation not in SPLAT_ORIENTATIONS:
+        raise UsageError(f"export.splat_orientation={cfg.export.splat_orientation!r} is not one of {', '.join(SPLAT_ORIENTATIONS)}",
+                         hint="gltf overlays the GLB; supersplat is Y-down so SuperSplat shows it upright")
     if cfg.export.head_height_m <= 0:
         raise UsageError("export.head_height_m must be positive")
+    if not 0.25 <= cfg.export.face_texel_scale <= 8:
+        raise UsageError(f"export.face_texel_scale={cfg.export.face_texel_scale} is outside [0.25, 8]",
+                         hint="1.0 = uniform texel density, 2.0 = twice the linear density on the face")

@@ -20,7 +20,7 @@ import trimesh
 from recon import cameras
 from recon.config import ExportConfig
 from recon.errors import InputError, StageError
-from recon.export import export_assets, mesh as M, splat_files as S, turntable as T
+from recon.export import export_assets, gltf, mesh as M, splat_files as S, turntable as T
 from recon.export.validate import find_validator, validate_glb
 from recon.types import Scene, ViewSet
 
@@ -117,9 +117,11 @@ def exported(tmp_path_factory):
 
 
 def _glb_mesh(path: Path) -> trimesh.Trimesh:
+    """The one mesh in the GLB's scene (LOD1+ may ride along as MSFT_lod nodes outside it)."""
     scene = trimesh.load(path, force="scene")
-    assert len(scene.geometry) == 1
-    return next(iter(scene.geometry.values()))
+    placed = scene.graph.nodes_geometry
+    assert len(placed) == 1
+    return scene.geometry[scene.graph[placed[0]][1]]
 
 
 def _texture_colours(m: trimesh.Trimesh) -> np.ndarray:
@@ -161,8 +163,9 @@ def test_glb_passes_khronos_validator(exported, gltf_validator):
     _, out, assets, _ = exported
     for name in ("head.glb", "head_lod1.glb", "head_lod2.glb"):
         rep = gltf_validator(out / name)
-        assert rep["issues"]["numErrors"] == 0, rep["issues"]["messages"]
-    assert assets.info["gltf_validation"]["ran"] is True and assets.info["gltf_validation"]["errors"] == 0
+        assert rep["issues"]["numErrors"] == 0 and rep["issues"]["numWarnings"] == 0, rep["issues"]["messages"]
+    v = assets.info["gltf_validation"]
+    assert v["ran"] is True and v["errors"] == 0 and v["warnings"] == 0
 
 
 def test_glb_reloads_textured_in_metres_y_up_face_plus_z(exported):
@@ -203,6 +206,11 @@ def test_face_budget_and_lods_decrease(exported):
         assert f <= frac * TINY.faces
     assert assets.info["faces_per_lod"] == faces
     assert len(_glb_mesh(out / "head.glb").faces) == faces[0]
+    # head.glb also carries every LOD, as MSFT_lod nodes outside the scene
+    doc, _ = gltf.read_glb(out / "head.glb")
+    names = [n["name"] for n in doc["nodes"]]
+    assert names == ["head_LOD0", "head_LOD1", "head_LOD2"] and doc["scenes"][0]["nodes"] == [0]
+    assert doc["nodes"][0]["extensions"]["MSFT_lod"]["ids"] == [1, 2] and assets.info["lods_in_glb"] is True
     # LODs share the frame
     b0, b2 = _glb_mesh(out / "head_lod0.glb").bounds, _glb_mesh(out / "head_lod2.glb").bounds
     assert np.allclose(b0, b2, atol=0.01)

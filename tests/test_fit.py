@@ -157,3 +157,67 @@ def test_relocation_correction_preserves_the_composited_opacity():
     no, ns = relocation_correction(o, s, n)
     torch.testing.assert_close(1 - (1 - no) ** n.float(), o)  # n copies stacked give the old opacity
     assert (no < o).all() and (ns <= s).all() and (ns > 0.5 * s).all()
+
+
+def test_outside_hull_flags_centres_the_masks_exclude():
+    from recon.fit.splat import outside_hull
+
+    data = prepare_views(sphere_views(res=32), 32)
+    occ, bound = visual_hull(data["mask"], data["viewmats"], data["Ks"], grid=32)
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.0, RADIUS * 0.95, 0.0], [RADIUS * 2.0, 0.0, 0.0],
+                        [0.0, 0.0, -RADIUS * 2.5], [5.0, 5.0, 5.0]])
+    out = outside_hull(pts, occ, bound)
+    assert out.tolist() == [False, False, True, True, True]
+    # the 2-voxel margin keeps a centre just outside the hull
+    voxel = 2 * bound / 32
+    assert not outside_hull(torch.tensor([[RADIUS + voxel, 0.0, 0.0]]), occ, bound)[0]
+
+
+def test_gaussians_outside_the_visual_hull_are_relocated():
+    views = sphere_views(n=6, res=24)
+    rng = np.random.default_rng(1)
+    inside = rng.normal(size=(250, 3)) * RADIUS * 0.4
+    d = rng.normal(size=(50, 3))
+    floaters = d / np.linalg.norm(d, axis=1, keepdims=True) * RADIUS * 2.2   # inside the frame, outside every mask
+    pts = np.concatenate([inside, floaters]).astype(np.float32)
+    cfg = tiny_cfg(steps=20, holdout_every=0)
+    from recon.fit.splat import outside_hull
+
+    data = prepare_views(views, cfg.resolution)
+    hull = visual_hull(data["mask"], data["viewmats"], data["Ks"])
+    assert outside_hull(torch.as_tensor(pts), *hull)[250:].all()
+    scene, m = fit_splats(views, cfg, init_points=pts)
+    assert m["pruned_outside"] >= 50
+    assert not outside_hull(scene.params["means"], *hull).any()
+    # with pruning off the floaters stay where they were put (they are relocated only if they fade)
+    scene_off, m_off = fit_splats(views, tiny_cfg(steps=20, holdout_every=0, prune_outside=False), init_points=pts)
+    assert m_off["pruned_outside"] == 0 and outside_hull(scene_off.params["means"], *hull).sum() > 25
+
+
+def test_flatten_weight_makes_splats_flat():
+    views = sphere_views(n=6, res=24)
+
+    def ratio(scene):
+        s = torch.exp(scene.params["scales"])
+        return float((s.min(dim=1).values / s.max(dim=1).values).median())
+
+    # a high scale learning rate so 30 steps can move the log-scales far
+    plain, _ = fit_splats(views, tiny_cfg(steps=30, holdout_every=0, lr_scales=5e-2))
+    flat, _ = fit_splats(views, tiny_cfg(steps=30, holdout_every=0, lr_scales=5e-2, flatten_weight=50.0))
+    assert ratio(flat) < 0.8 * ratio(plain)
+
+
+def test_render_scene_depth_modes():
+    views = sphere_views(n=8, res=32)
+    scene, _ = fit_splats(views, tiny_cfg(steps=60, resolution=32, num_init=600, max_gaussians=900))
+    c2w, K = cameras.orbit_cam2world(20.0, 10.0), cameras.INTRINSICS_NORM
+    rgba, med = render_scene(scene, c2w, K, 32, 32)                       # default: median
+    _, exp = render_scene(scene, c2w, K, 32, 32, depth="expected")
+    hit = (med > 0) & (exp > 0)
+    assert hit[0, 16, 16] and (med[~hit] == 0).all()
+    true = cameras.RADIUS - RADIUS
+    # the median depth is the visible surface; expected depth is pulled back by the layers behind it
+    assert abs(med[0, 16, 16] - true) < abs(exp[0, 16, 16] - true) + 1e-3
+    assert np.median(exp[hit] - med[hit]) > 0
+    with pytest.raises(InputError, match="depth"):
+        render_scene(scene, c2w, K, 8, 8, depth="mean")

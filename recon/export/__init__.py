@@ -3,7 +3,7 @@
     export_assets(scene, cfg, out_dir, views=..., render_fn=...) -> Assets
 
 writes, by cfg.formats:
-  glb  -> head.glb (LOD0) + head_lod{i}.glb (every LOD, LOD0 included)
+  glb  -> head.glb (LOD0 + the other LODs as MSFT_lod nodes) + head_lod{i}.glb (every LOD, LOD0 included)
   obj  -> head.obj + head.mtl + head_albedo.png (LOD0)
   ply  -> head_mesh.ply (LOD0, vertex colours sampled from the texture)
   splat-> splats.ply (INRIA 3DGS layout) + splats.splat (antimatter15)
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import VALID_FORMATS, ExportConfig
+from ..config import SPLAT_ORIENTATIONS, TURNTABLE_SOURCES, VALID_FORMATS, ExportConfig
 from ..errors import MissingError, OutputError, StageError, UsageError
 from ..types import Assets, Scene, ViewSet
 from . import gltf, mesh, splat_files, turntable
@@ -71,11 +71,14 @@ def export_assets(scene: Scene, cfg: ExportConfig, out_dir: Path, *, views: View
     if not formats:
         raise UsageError("export.formats is empty", hint=f"choose from {', '.join(VALID_FORMATS)}")
     wants_turntable = "mp4" in formats or "gif" in formats
-    if cfg.turntable_source not in ("splats", "mesh"):
-        raise UsageError(f"export.turntable_source={cfg.turntable_source!r} is not splats or mesh",
-                         hint="splats renders the Gaussians, mesh the textured LOD0")
-    if wants_turntable and cfg.turntable_source == "mesh" and not any(f in formats for f in MESH_FORMATS):
-        raise UsageError("export.turntable_source=mesh needs a mesh format in export.formats",
+    if cfg.turntable_source not in TURNTABLE_SOURCES:
+        raise UsageError(f"export.turntable_source={cfg.turntable_source!r} is not one of {', '.join(TURNTABLE_SOURCES)}",
+                         hint="splats renders the Gaussians, mesh the textured LOD0, both writes one video of each")
+    if cfg.splat_orientation not in SPLAT_ORIENTATIONS:
+        raise UsageError(f"export.splat_orientation={cfg.splat_orientation!r} is not one of {', '.join(SPLAT_ORIENTATIONS)}",
+                         hint="gltf overlays the GLB; supersplat is Y-down so SuperSplat shows it upright")
+    if wants_turntable and cfg.turntable_source != "splats" and not any(f in formats for f in MESH_FORMATS):
+        raise UsageError(f"export.turntable_source={cfg.turntable_source} needs a mesh format in export.formats",
                          hint="add glb (or obj/ply) to export.formats, or use turntable_source=splats")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is not a folder", hint="choose another output location")
@@ -100,9 +103,7 @@ def export_assets(scene: Scene, cfg: ExportConfig, out_dir: Path, *, views: View
         lod0_mesh = mesh.extract_mesh(bound, cfg, views=views, bounds=bounds, progress=progress)
         tm0: mesh.TexturedMesh = lod0_mesh.metadata["textured"]
         tick("mesh", t0)
-        t0 = time.perf_counter()
-        lods = mesh.build_lods(tm0, cfg.lods, cfg.faces)
-        tick("lods", t0)
+        lods = lod0_mesh.metadata["lods"]      # extract_mesh builds and bakes every LOD (mesh.build_lods)
         if lods[0].num_faces > cfg.faces:
             raise StageError(f"LOD0 has {lods[0].num_faces} faces > export.faces={cfg.faces}", stage="export")
         frame = gltf.head_frame(tm0.vertices, cfg.head_height_m)
@@ -110,20 +111,24 @@ def export_assets(scene: Scene, cfg: ExportConfig, out_dir: Path, *, views: View
         t0 = time.perf_counter()
         lod_info = []
         if "glb" in formats:
-            main = gltf.write_glb(out_dir / "head.glb", assets_lods[0], node_name="head_lod0")
+            # head.glb: LOD0 in the scene, the other levels inside via MSFT_lod (when lods_in_glb)
+            main = gltf.write_glb(out_dir / "head.glb", assets_lods if cfg.lods_in_glb else assets_lods[:1], node_name="head")
             assets.add(main, "mesh/glb")
             for i, t in enumerate(assets_lods):
-                p = gltf.write_glb(out_dir / f"head_lod{i}.glb", t, node_name=f"head_lod{i}")
+                p = gltf.write_glb(out_dir / f"head_lod{i}.glb", t, node_name="head", first_lod=i)
                 assets.add(p, f"mesh/glb-lod{i}")
                 lod_info.append({"lod": i, "file": p.name, "fraction": float(cfg.lods[i]), "faces": t.num_faces,
+                                 "texture": int(t.texture.shape[0]), "normal_map": t.normal_map is not None,
                                  "vertices": int(len(t.vertices))})
             info["gltf_validation"] = _validate(main) if validate else {"ran": False, "why": "validate=False"}
         else:
-            lod_info = [{"lod": i, "fraction": float(cfg.lods[i]), "faces": t.num_faces, "vertices": int(len(t.vertices))}
+            lod_info = [{"lod": i, "fraction": float(cfg.lods[i]), "faces": t.num_faces, "vertices": int(len(t.vertices)),
+                         "texture": int(t.texture.shape[0]), "normal_map": t.normal_map is not None}
                         for i, t in enumerate(assets_lods)]
         if "obj" in formats:
-            for p, kind in zip(gltf.write_obj(out_dir / "head.obj", assets_lods[0]), ("mesh/obj", "mesh/mtl", "texture/png")):
-                assets.add(p, kind)
+            for p in gltf.write_obj(out_dir / "head.obj", assets_lods[0]):
+                kind = {".obj": "mesh/obj", ".mtl": "mesh/mtl"}.get(p.suffix, "texture/png")
+                assets.add(p, "texture/normal-png" if p.name.endswith("_normal.png") else kind)
         if "ply" in formats:
             assets.add(gltf.write_mesh_ply(out_dir / "head_mesh.ply", assets_lods[0]), "mesh/ply")
         tick("write_mesh", t0)
@@ -131,9 +136,15 @@ def export_assets(scene: Scene, cfg: ExportConfig, out_dir: Path, *, views: View
         timings.update({f"mesh.{k}_cpu": v for k, v in lod0_mesh.metadata["export"]["cpu_s"].items()})
         info.update({"meshing_views": lod0_mesh.metadata["export"]["meshing_views"], "faces_budget": int(cfg.faces), "lods": lod_info, "faces_per_lod": [d["faces"] for d in lod_info],
                      "texture_size": int(cfg.texture), "texel_coverage": ex.get("texel_coverage"),
+                     "normal_map": bool(cfg.normal_map), "face_texel_scale": float(cfg.face_texel_scale),
                      "faces_marching_cubes": ex.get("faces_marching_cubes"),
                      "texture_source": "fitted views" if views is not None else "scene renders",
-                     "lods_note": "head.glb holds LOD0; every LOD is its own head_lod{i}.glb (glTF core cannot hide nodes)"})
+                     "lods_in_glb": bool(cfg.lods_in_glb and len(assets_lods) > 1),
+                     "lods_note": ("head.glb: LOD0 is the scene node head_LOD0, LOD1+ ride along as MSFT_lod nodes "
+                                   "head_LOD1.. (engines without MSFT_lod show LOD0; Blender imports every level as "
+                                   "its own object); every LOD is also its own head_lod{i}.glb"
+                                   if cfg.lods_in_glb and len(assets_lods) > 1 else
+                                   "head.glb holds LOD0; every LOD is its own head_lod{i}.glb")})
         info["scale_source"] = "mesh bounding box"
     if frame is None:
         # no mesh: the same convention, measured on the splats' robust bounds
@@ -144,27 +155,39 @@ def export_assets(scene: Scene, cfg: ExportConfig, out_dir: Path, *, views: View
 
     if "splat" in formats:
         t0 = time.perf_counter()
-        arr = splat_files.transform_arrays(splat_files.scene_arrays(scene), frame.pivot, frame.scale)
+        supersplat = cfg.splat_orientation == "supersplat"
+        arr = splat_files.transform_arrays(splat_files.scene_arrays(scene), frame.pivot, frame.scale, rotate_z180=supersplat)
         assets.add(splat_files.write_splat_ply(out_dir / "splats.ply", arr), "splat/ply")
         assets.add(splat_files.write_dot_splat(out_dir / "splats.splat", arr), "splat/splat")
-        info["splat_note"] = ("same frame as the GLB (+Y up); SuperSplat assumes Y-down PLYs and shows them "
-                              "rotated 180 degrees about Z: set its rotation z = 180 to view upright")
+        info["splat_orientation"] = cfg.splat_orientation
+        info["splat_note"] = (
+            "Y-down (the GLB's frame turned 180 degrees about Z): SuperSplat and other 3DGS viewers that expect "
+            "COLMAP-style Y-down files show it upright; it no longer overlays the GLB" if supersplat else
+            "same frame as the GLB (+Y up), so the two overlay; SuperSplat assumes Y-down PLYs and shows this one "
+            "upside down: set its rotation z = 180, or export with --set export.splat_orientation=supersplat")
         tick("splats", t0)
 
     if wants_turntable:
         t0 = time.perf_counter()
-        source = tm0.render if cfg.turntable_source == "mesh" else bound
-        frames = turntable.render_turntable(source, cfg, progress=progress)
-        tick("turntable_render", t0)
-        t0 = time.perf_counter()
-        if "mp4" in formats:
-            assets.add(turntable.write_mp4(out_dir / "turntable.mp4", frames, cfg.turntable_fps), "video/mp4")
-        if "gif" in formats:
-            assets.add(turntable.write_gif(out_dir / "turntable.gif", frames, cfg.turntable_fps), "video/gif")
-        info["turntable"] = {"frames": int(len(frames)), "fps": int(cfg.turntable_fps), "resolution": int(frames.shape[1]),
-                             "elevation_deg": float(cfg.turntable_elevation),
-                             "source": cfg.turntable_source}
-        tick("turntable_write", t0)
+        # (source, file stem): the splats' video keeps the historical name turntable.*
+        sources = {"splats": [("splats", "turntable")], "mesh": [("mesh", "turntable")],
+                   "both": [("splats", "turntable"), ("mesh", "turntable_mesh")]}[cfg.turntable_source]
+        videos = []
+        for src, stem in sources:
+            t0 = time.perf_counter()
+            frames = turntable.render_turntable(tm0.render if src == "mesh" else bound, cfg, progress=progress)
+            tick(f"turntable_render_{src}", t0)
+            t0 = time.perf_counter()
+            if "mp4" in formats:
+                assets.add(turntable.write_mp4(out_dir / f"{stem}.mp4", frames, cfg.turntable_fps), "video/mp4")
+            if "gif" in formats:
+                assets.add(turntable.write_gif(out_dir / f"{stem}.gif", frames, cfg.turntable_fps), "video/gif")
+            videos.append({"source": src, "files": [f"{stem}.{ext}" for ext in ("mp4", "gif") if ext in formats],
+                           "frames": int(len(frames)), "resolution": int(frames.shape[1])})
+            tick(f"turntable_write_{src}", t0)
+        info["turntable"] = {"frames": videos[0]["frames"], "fps": int(cfg.turntable_fps),
+                             "resolution": videos[0]["resolution"], "elevation_deg": float(cfg.turntable_elevation),
+                             "source": cfg.turntable_source, "videos": videos}
     info["timings_s"] = timings
     assets.info = info
     return assets

@@ -146,6 +146,10 @@ def tsdf_at(points: torch.Tensor, rgba: np.ndarray, depth: np.ndarray, c2w: np.n
     return tsdf
 
 
+TSDF_TRUNC_SIDE = 0.04         # default TSDF truncation: 4 % of the grid's side (5 voxels at 128^3) ...
+TSDF_TRUNC_MIN_VOXELS = 3.0    # ... but never under 3 voxels (see fuse_tsdf)
+
+
 def fuse_tsdf(rgba: np.ndarray, depth: np.ndarray, c2w: np.ndarray, K_norm: np.ndarray, grid: Grid,
               trunc: float | None = None, coarse: bool = True) -> np.ndarray:
     """(R, R, R) float32 TSDF over `grid` (see tsdf_at).
@@ -153,8 +157,19 @@ def fuse_tsdf(rgba: np.ndarray, depth: np.ndarray, c2w: np.ndarray, K_norm: np.n
     Two levels: the TSDF on every other voxel first, then full resolution only in a
     band around the coarse surface (two coarse voxels wide); elsewhere the coarse
     sign is exact enough (far voxels are ±1 anyway). About 4x less work at 128^3.
+
+    `trunc` defaults to max(TSDF_TRUNC_SIDE x the grid's side, TSDF_TRUNC_MIN_VOXELS
+    voxels): a world-space width (depth noise does not shrink with the voxels), with a
+    floor so coarse grids still have a band to interpolate. tsdf_at drops a view's vote for a
+    point more than `trunc` behind that view's depth (occlusion), but keeps the +1 of
+    points in front: with noisy depth (splat renders) that asymmetry pulls the surface
+    inward unless `trunc` is several times the noise. Measured (benchmarks/bench_fit.py
+    default preset, mesh_resolution 128): 3 -> 5 voxels took Chamfer 0.93 -> 0.80 % of
+    head height on a fitted scene, 0.33 -> 0.35 % on exact GT renders. On coarse grids
+    (40^3) 5 voxels are 12 % of the side and round off a nose; hence the side fraction.
     """
-    trunc = trunc if trunc is not None else 3.0 * grid.voxel
+    if trunc is None:
+        trunc = max(TSDF_TRUNC_SIDE * grid.voxel * (grid.res - 1), TSDF_TRUNC_MIN_VOXELS * grid.voxel)
     r = grid.res
     if not coarse or r < 24:
         return tsdf_at(grid.centres(), rgba, depth, c2w, K_norm, trunc).reshape(r, r, r).numpy()
@@ -243,9 +258,12 @@ def decimate(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
         return mesh
     ms = _ms_from(mesh)
     target = faces
-    for _ in range(3):   # quadric collapse can stop a little above the target: ask for less
-        ms.meshing_decimation_quadric_edge_collapse(targetfacenum=int(target), preservenormal=True, preservetopology=True,
-                                                   qualitythr=0.3, planarquadric=True, autoclean=True)
+    # quadric collapse can stop a little above the target: ask for less; when keeping the
+    # topology blocks it (tiny budgets on a surface with handles), the last tries may close them
+    for attempt in range(5):
+        ms.meshing_decimation_quadric_edge_collapse(targetfacenum=int(target), preservenormal=True,
+                                                   preservetopology=attempt < 3, qualitythr=0.3, planarquadric=True,
+                                                   autoclean=True)
         got = ms.current_mesh().face_number()
         if got <= faces:
             return _to_trimesh(ms)
@@ -255,27 +273,20 @@ def decimate(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
 
 
 # --------------------------------------------------------------------------- UVs
-def unwrap(mesh: trimesh.Trimesh, texture: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """xatlas charts packed for a texture x texture image.
+def unwrap(mesh: trimesh.Trimesh, texture: int, face_texel_scale: float = 1.0
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas charts packed for a texture x texture image; the face region (front of
+    the head, see uv_atlas.face_region) gets `face_texel_scale` times the linear
+    texel density of the rest (1.0 = uniform).
 
     Returns (vmapping (V',) original vertex per new vertex, faces (F,3) into the new
-    vertices, uvs (V',2) in [0,1] with v up (OBJ/trimesh convention), face_ids).
+    vertices, uvs (V',2) in [0,1] with v up (OBJ/trimesh convention), face_ids (F,)
+    the original face of each new face).
     """
-    import xatlas
+    from .uv_atlas import unwrap_atlas
 
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.uint32),
-                   np.asarray(mesh.vertex_normals, np.float32))
-    chart = xatlas.ChartOptions()
-    chart.max_iterations = 1          # cheaper chart growing; quality differences are small for heads
-    pack = xatlas.PackOptions()
-    pack.resolution = int(texture)
-    pack.padding = max(2, int(texture) // 256)   # gutter texels: room for dilation / mipmaps
-    pack.bilinear = True
-    pack.rotate_charts = True
-    atlas.generate(chart, pack)
-    vmapping, faces, uvs = atlas[0]
-    return vmapping.astype(np.int64), faces.astype(np.int64), uvs.astype(np.float64), np.arange(len(faces))
+    return unwrap_atlas(np.asarray(mesh.vertices), np.asarray(mesh.faces), np.asarray(mesh.vertex_normals), texture,
+                        face_texel_scale)
 
 
 # ------------------------------------------------------------------------- baking
@@ -441,7 +452,9 @@ def sample_texture(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------- pipeline
 @dataclass
 class TexturedMesh:
-    """One LOD: geometry with per-vertex UVs (split at seams) and its albedo."""
+    """One LOD: geometry with per-vertex UVs (split at seams) and its albedo; optionally
+    a tangent-space normal map of the dense surface with the tangents it was baked in
+    (glTF conventions, see normal_map.py)."""
 
     vertices: np.ndarray     # (V, 3) world units
     faces: np.ndarray        # (F, 3)
@@ -449,6 +462,8 @@ class TexturedMesh:
     normals: np.ndarray      # (V, 3)
     texture: np.ndarray      # (S, S, 3) uint8
     coverage: float | None = None   # fraction of used texels some view saw (the rest is filled)
+    normal_map: np.ndarray | None = None   # (S, S, 3) uint8, RGB = (n_ts + 1) / 2, +Y green (glTF)
+    tangents: np.ndarray | None = None     # (V, 4) float32: xyz unit, orthogonal to normals; w = ±1 handedness
 
     @property
     def num_faces(self) -> int:
@@ -501,30 +516,40 @@ def _tick(timings: dict, name: str, t0: float) -> float:
 
 def extract_mesh(render_fn: BoundRenderFn, cfg: ExportConfig, *, views: ViewSet | None = None,
                  bounds: np.ndarray | None = None, n_azimuth: int = 8, progress: Progress = None) -> trimesh.Trimesh:
-    """LOD0 of the textured head mesh (world units), as a trimesh with a PBR texture.
+    """LOD0 of the textured head mesh (world units), as a trimesh with a PBR texture;
+    every LOD of cfg.lods is built and baked too (see build_lods).
 
     render_fn: bound renderer (see module doc). views: the ViewSet the scene was fitted
     to; its images are baked into the texture (visibility from the mesh's own
     z-buffer at the views' cameras); without it the meshing renders are used.
     bounds: (2, 3) world box holding the head (default: the box the ring cameras all see).
     n_azimuth: cameras per meshing ring (4 rings at -30, 0, 30, 60 degrees + 2 poles).
-    The result's `metadata["textured"]` is the TexturedMesh, `metadata["export"]` the numbers
-    (with CPU seconds per step in "cpu_s").
+    The result's metadata:
+      "textured": LOD0's TexturedMesh (= "lods"[0]),
+      "lods": list[TexturedMesh], one per cfg.lods fraction, LOD0 first,
+      "dense": the clean undecimated surface (trimesh) every LOD was decimated from,
+      "renders": the meshing renders {"rgba", "depth", "c2w", "K"},
+      "export": the numbers (with CPU seconds per step in "cpu_s").
     """
     if bounds is None:
         half = cameras.RADIUS * math.tan(math.radians(cameras.FOV_DEG) / 2) * 1.05
         bounds = np.array([[-half] * 3, [half] * 3])
     timings: dict = {}
-    mesh, renders = surface_mesh(render_fn, cfg, bounds, n_azimuth=n_azimuth, progress=progress, timings=timings)
-    raw_faces = int(len(mesh.faces))
-    t0 = time.process_time()
-    mesh = decimate(mesh, cfg.faces)
-    _tick(timings, "decimate", t0)
-    tm = texture_mesh(mesh, render_fn, cfg, views=views, renders=renders, progress=progress, timings=timings)
+    dense, renders = surface_mesh(render_fn, cfg, bounds, n_azimuth=n_azimuth, progress=progress, timings=timings)
+    lods = build_lods(dense, cfg.lods, cfg.faces, cfg=cfg, views=views, renders=renders, progress=progress,
+                      timings=timings)
+    tm = lods[0]
     out = tm.to_trimesh()
     out.metadata["textured"] = tm
-    out.metadata["export"] = {"faces_marching_cubes": raw_faces, "faces": tm.num_faces, **tm_info(tm),
-                              "texel_coverage": tm.coverage, "meshing_views": int(len(renders["c2w"])), "cpu_s": timings}
+    out.metadata["lods"] = lods
+    out.metadata["dense"] = dense
+    out.metadata["renders"] = renders
+    out.metadata["export"] = {"faces_marching_cubes": int(len(dense.faces)), "faces": tm.num_faces, **tm_info(tm),
+                              "texel_coverage": tm.coverage, "meshing_views": int(len(renders["c2w"])),
+                              "faces_per_lod": [t.num_faces for t in lods],
+                              "texture_per_lod": [int(t.texture.shape[0]) for t in lods],
+                              "face_texel_scale": float(cfg.face_texel_scale), "normal_map": bool(cfg.normal_map),
+                              "cpu_s": timings}
     return out
 
 
@@ -532,72 +557,132 @@ def tm_info(tm: TexturedMesh) -> dict:
     return {"vertices": int(len(tm.vertices)), "texture": int(tm.texture.shape[0])}
 
 
-def texture_mesh(mesh: trimesh.Trimesh, render_fn: BoundRenderFn, cfg: ExportConfig, *, views: ViewSet | None,
-                 renders: dict | None, progress: Progress = None, timings: dict | None = None) -> TexturedMesh:
+def texture_mesh(mesh: trimesh.Trimesh, render_fn: BoundRenderFn | None, cfg: ExportConfig, *, views: ViewSet | None,
+                 renders: dict | None, progress: Progress = None, timings: dict | None = None,
+                 texture: int | None = None, dense: trimesh.Trimesh | None = None, tag: str = "",
+                 depth: np.ndarray | None = None) -> TexturedMesh:
+    """UV-unwrap `mesh` (face region at cfg.face_texel_scale) and bake its albedo from
+    the views (or the meshing renders); with cfg.normal_map and a `dense` surface, also
+    its tangents and a tangent-space normal map of `dense`.
+
+    render_fn is not used (the colours come from images already rendered); it stays
+    in the signature for callers of the first version. texture: side of the maps
+    (default cfg.texture). tag: suffix of the timing keys (one LOD's name).
+    depth: the visibility z-buffers at the bake cameras (bake_depth); default: this
+    mesh's own (build_lods shares LOD0's between the LODs: the z-buffer is most of a
+    bake's cost and the 2% visibility tolerance covers the LODs' differences).
+    """
     timings = {} if timings is None else timings
+    size = int(cfg.texture if texture is None else texture)
+    images, c2w, K = _bake_sources(views, renders)
     t0 = time.process_time()
-    vmap, faces, uvs, _ = unwrap(mesh, cfg.texture)
-    t0 = _tick(timings, "uv_unwrap", t0)
+    vmap, faces, uvs, _ = unwrap(mesh, size, cfg.face_texel_scale)
+    t0 = _tick(timings, f"uv_unwrap{tag}", t0)
     verts = np.asarray(mesh.vertices)[vmap]
     normals = np.asarray(mesh.vertex_normals)[vmap]
     extent = float(np.ptp(mesh.vertices, axis=0).max())
     tol = 0.02 * extent
+    if depth is None:
+        depth = bake_depth(mesh, cfg, views=views, renders=renders)
+    label = (lambda i, n, msg: progress(i, n, f"{msg} ({tag.strip('_')})")) if (progress and tag) else progress
+    tex, coverage = bake_texture(verts, normals, faces, uvs, size, images, c2w, K, depth, tol=tol, progress=label)
+    t0 = _tick(timings, f"bake{tag}", t0)
+    nmap = tangents = None
+    if cfg.normal_map:
+        from .normal_map import bake_normal_map, vertex_tangents
+
+        if dense is None:
+            raise StageError("export.normal_map needs the dense surface to bake from",
+                             hint="call texture_mesh(..., dense=the surface_mesh result) or build_lods", stage="export")
+        tangents = vertex_tangents(verts, normals, faces, uvs)
+        nmap = bake_normal_map(verts, normals, tangents, faces, uvs, size, np.asarray(dense.vertices),
+                               np.asarray(dense.faces), np.asarray(dense.vertex_normals))
+        _tick(timings, f"normal_map{tag}", t0)
+    return TexturedMesh(verts, faces, uvs, normals, tex, coverage, normal_map=nmap, tangents=tangents)
+
+
+def _bake_sources(views: ViewSet | None, renders: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, c2w, K) the albedo is baked from: the fitted views, else the meshing renders."""
     if views is not None:
-        images, c2w, K = views.images, views.c2w, views.K      # colours from the fitted views
-    else:
-        images, c2w, K = renders["rgba"], renders["c2w"], renders["K"]
-    # visibility from the mesh itself (cheap, and it is the surface being textured)
+        return views.images, views.c2w, views.K      # colours from the fitted views
+    if renders is None:
+        raise StageError("texture_mesh has nothing to bake from: no ViewSet and no meshing renders",
+                         hint="pass views= or renders= (surface_mesh returns the renders)", stage="export")
+    return renders["rgba"], renders["c2w"], renders["K"]
+
+
+def bake_depth(mesh: trimesh.Trimesh, cfg: ExportConfig, *, views: ViewSet | None, renders: dict | None) -> np.ndarray:
+    """Visibility z-buffers (N, R, R) of `mesh` at the bake cameras (the surface being
+    textured, so occlusion is exact and cheap), R = min(cfg.render_resolution, image side)."""
+    images, c2w, K = _bake_sources(views, renders)
     res = min(cfg.render_resolution, images.shape[1])
-    depth = mesh_depth(np.asarray(mesh.vertices), np.asarray(mesh.faces), c2w, K, res, res)
-    tex, coverage = bake_texture(verts, normals, faces, uvs, cfg.texture, images, c2w, K, depth, tol=tol, progress=progress)
-    _tick(timings, "bake", t0)
-    return TexturedMesh(verts, faces, uvs, normals, tex, coverage)
+    return mesh_depth(np.asarray(mesh.vertices), np.asarray(mesh.faces), c2w, K, res, res)
 
 
-def build_lods(lod0: TexturedMesh, fractions, faces: int) -> list[TexturedMesh]:
-    """LOD i has at most fractions[i] * faces triangles and shares LOD0's texture
-    (texture-aware quadric collapse keeps the UVs). fractions must decrease."""
-    import pymeshlab
+def lod_texture_size(texture: int, lod: int) -> int:
+    """Texture side of LOD `lod`: halved per level, never below 256 nor above `texture`
+    (a 0.1 LOD is for distant views; 1024 -> 1024, 512, 256, 256)."""
+    return int(min(texture, max(256, int(texture) >> lod)))
 
-    fr = list(fractions)
+
+def lod_meshes(dense: trimesh.Trimesh, fractions, faces: int) -> list[trimesh.Trimesh]:
+    """Untextured LOD geometry: the dense surface decimated *separately* to each budget
+    fractions[i] * faces (no UVs yet, so no seam can stop the collapse).
+    fractions must decrease strictly; each budget is checked exactly."""
+    fr = [float(f) for f in fractions]
+    if not fr:
+        raise StageError("export.lods is empty", hint="e.g. 1,0.5,0.25,0.1", stage="export")
     if any(b >= a for a, b in zip(fr, fr[1:])):
         raise StageError(f"export.lods={tuple(fr)} must be strictly decreasing", hint="e.g. 1,0.5,0.25,0.1", stage="export")
-    out: list[TexturedMesh] = []
+    if not all(0 < f <= 1 for f in fr):
+        raise StageError(f"export.lods={tuple(fr)} must be fractions in (0, 1]", hint="e.g. 1,0.5,0.25,0.1", stage="export")
+    out = []
     for f in fr:
         budget = max(4, int(f * faces))
-        if budget >= lod0.num_faces:
-            out.append(lod0)
-            continue
-        ms = pymeshlab.MeshSet()
-        ms.add_mesh(pymeshlab.Mesh(vertex_matrix=lod0.vertices.astype(np.float64), face_matrix=lod0.faces.astype(np.int32),
-                                   v_tex_coords_matrix=lod0.uvs.astype(np.float64)))
-        # the texture-aware collapse wants per-wedge UVs on one connected surface:
-        # move UVs to wedges, then merge the seam-split vertex copies
-        ms.compute_texcoord_transfer_vertex_to_wedge()
-        ms.meshing_remove_duplicate_vertices()
-        target = budget
-        for _ in range(3):
-            ms.meshing_decimation_quadric_edge_collapse_with_texture(targetfacenum=int(target), qualitythr=0.3,
-                                                                     preserveboundary=True, preservenormal=True,
-                                                                     planarquadric=True)
-            got = ms.current_mesh().face_number()
-            if got <= budget:
-                break
-            target = max(4, int(target * budget / got * 0.98))
-        if got > budget:
-            raise StageError(f"LOD at {f} of the budget has {got} faces > {budget}: LOD0's texture seams stop the "
-                             "texture-preserving decimation there",
-                             hint="raise export.faces or use larger export.lods fractions (e.g. --set export.lods=1,0.5)",
-                             stage="export")
-        m = ms.current_mesh()
-        v, fc = m.vertex_matrix(), m.face_matrix()
-        wt = m.wedge_tex_coord_matrix().reshape(-1, 3, 2)
-        # split vertices per (vertex, uv) pair: glTF wants one UV per vertex
-        key = np.concatenate([fc.reshape(-1, 1).astype(np.float64), np.round(wt.reshape(-1, 2), 7)], 1)
-        ukey, kinv = np.unique(key, axis=0, return_inverse=True)
-        kinv = kinv.reshape(-1)
-        verts = v[ukey[:, 0].astype(np.int64)]
-        tri = trimesh.Trimesh(v, fc, process=False)
-        normals = np.asarray(tri.vertex_normals)[ukey[:, 0].astype(np.int64)]
-        out.append(TexturedMesh(verts, kinv.reshape(-1, 3), ukey[:, 1:], normals, lod0.texture))
+        m = decimate(dense, budget)
+        if len(m.faces) > budget:       # decimate checks too; this is the contract of this function
+            raise StageError(f"LOD at {f} of export.faces={faces} has {len(m.faces)} faces > {budget}", stage="export")
+        out.append(m)
     return out
+
+
+def build_lods(dense: trimesh.Trimesh, fractions, faces: int, *, cfg: ExportConfig | None = None,
+               views: ViewSet | None = None, renders: dict | None = None, progress: Progress = None,
+               timings: dict | None = None) -> list[TexturedMesh]:
+    """Textured LODs: LOD i is the dense surface decimated to at most fractions[i] * faces
+    triangles (lod_meshes), with its own UV atlas and its own albedo baked from the same
+    views (texture side lod_texture_size(cfg.texture, i)); with cfg.normal_map each LOD
+    also gets tangents and a normal map of the dense surface. fractions must decrease.
+
+    dense: the clean undecimated surface (surface_mesh). views / renders: what to bake
+    from, as in texture_mesh (views win). cfg: texture, face_texel_scale, normal_map,
+    render_resolution (default ExportConfig()).
+    """
+    timings = {} if timings is None else timings
+    t0 = time.process_time()
+    meshes = lod_meshes(dense, fractions, faces)   # validates fractions before any work
+    _tick(timings, "decimate_lods", t0)
+    cfg = ExportConfig() if cfg is None else cfg
+    t0 = time.process_time()
+    depth0 = bake_depth(meshes[0], cfg, views=views, renders=renders)
+    _tick(timings, "bake_zbuffer", t0)
+    out: list[TexturedMesh] = []
+    for i, m in enumerate(meshes):
+        # LOD0's z-buffer serves a LOD whose surface stays well within the bake's
+        # visibility tolerance (2% of the extent) of LOD0's; a very coarse LOD (flat
+        # faces cutting deep inside) gets its own
+        tol = 0.02 * float(np.ptp(m.vertices, axis=0).max())
+        depth = depth0 if i == 0 or _deviation(m, meshes[0]) < 0.5 * tol else None
+        out.append(texture_mesh(m, None, cfg, views=views, renders=renders, progress=progress, timings=timings,
+                                texture=lod_texture_size(cfg.texture, i), dense=dense, tag=f"_lod{i}", depth=depth))
+    return out
+
+
+def _deviation(mesh: trimesh.Trimesh, dense: trimesh.Trimesh) -> float:
+    """Largest distance of `mesh`'s vertices and face centroids to the surface `dense`
+    (centroids: where flat faces sag furthest from a curved surface)."""
+    from .normal_map import closest_on_surface
+
+    v = np.asarray(mesh.vertices)
+    pts = np.concatenate([v, v[np.asarray(mesh.faces)].mean(1)])
+    return float(closest_on_surface(pts, dense.vertices, dense.faces)[0].max())

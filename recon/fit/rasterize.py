@@ -8,6 +8,16 @@ front-to-back compositing that stops (exclusively) once transmittance would
 fall to 1e-4, "ED" = sum(w z) / sum(w), SH colours from camera-to-Gaussian
 directions plus 0.5, clamped at 0.
 
+One addition gsplat 1.5.3 does not have: "MD" / "RGB+MD", the median depth: the
+camera z along the pixel's ray where accumulated opacity reaches 0.5, each
+Gaussian's opacity rising along the ray with its 3D density (Gaussian Opacity
+Fields' ray model; `composite` has the formula); 0 where alpha stays below 0.5.
+Expected depth averages every layer a pixel sees and the 2DGS median takes the
+crossing Gaussian's centre: both lie behind the surface the silhouettes show (on
+the benchmark head, benchmarks/bench_fit.py, meshes from them sat ~2-5 % and ~1.9 %
+of head height inside, from this one ~1 %). It carries no gradient (rendering for
+meshing only). On CUDA, recon.fit.render approximates it with gsplat's standard call.
+
 How it is fast enough on a CPU:
 - Gaussians are binned to tiles by their 2D bounding boxes and sorted by
   (image, tile, depth), as gsplat's isect_tiles/isect_offset_encode do. The
@@ -37,7 +47,7 @@ from gsplat.cuda._torch_impl import _persp_proj, _quat_scale_to_covar_preci, _sp
 ALPHA_THRESHOLD = 1.0 / 255.0   # gsplat skips alphas below this
 T_THRESHOLD = 1e-4              # a pixel is done when transmittance would fall to this
 ALPHA_MAX = 0.999
-RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
+RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED", "MD", "RGB+MD")  # MD, RGB+MD: ours only
 
 
 # ----------------------------------------------------------------------- projection
@@ -142,12 +152,15 @@ class _CompositeTiles(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, col, slot, per_row, feats, outside, chunk, keep_graph):
-        # q [M+1, 6], col [M+1, D], slot [R, L], per_row [R] list lengths, feats [6, P], outside [R, P] off-image pixels
+    def forward(ctx, q, col, slot, per_row, feats, outside, chunk, keep_graph, mq=None):
+        # q [M+1, 6], col [M+1, D], slot [R, L], per_row [R] list lengths, feats [6, P], outside [R, P] off-image pixels,
+        # mq [M+1, 12] when the median depth is wanted (None: not computed): per intersection, the coefficients
+        # of den = r^T A r and num = r^T A mu as quadratics in the pixel offset (see `composite`)
         R, L = slot.shape
         P, D = feats.shape[1], col.shape[1]
         acc = q.new_zeros(R, D, P)             # channels-first: the big [A, K, P] tensors are never transposed
         T = q.new_ones(R, P)
+        med = q.new_zeros(R, P)                # median depth: z where T reaches 0.5 (0: never)
         done = outside.clone()                 # off-image pixels never keep a tile alive
         active = torch.arange(R, device=q.device)
         saved = []
@@ -167,6 +180,16 @@ class _CompositeTiles(torch.autograd.Function):
             T_incl = torch.cumprod(one_minus, dim=1)                      # transmittance after each Gaussian
             keep = T_incl > T_THRESHOLD                                   # a prefix along K: T_incl is monotone
             T_excl = torch.cat([T0e[:, None, :], T_incl[:, :-1]], dim=1)  # transmittance before each Gaussian
+            if mq is not None:
+                # T is monotone along K, so at most one Gaussian per pixel (over all chunks) takes it across 0.5
+                ia, ik, ip = torch.nonzero(keep & (T_excl > 0.5) & (T_incl <= 0.5), as_tuple=True)
+                rows = sl[ia, ik]
+                f = feats[:, ip].T                                        # [X, 6]
+                den = (mq[rows, :6] * f).sum(-1).clamp(min=1e-12)         # r^T A r: along-ray precision
+                zstar = (mq[rows, 6:] * f).sum(-1) / den                  # depth of the Gaussian's peak on the ray
+                a_need = 1.0 - 0.5 / T_excl[ia, ik, ip]                   # the alpha that takes T to 0.5
+                lift = torch.log(alpha[ia, ik, ip] / a_need.clamp(min=1e-12)).clamp(min=0.0)
+                med[active[ia], ip] = zstar - torch.sqrt(2.0 * lift / den)
             # torch.where, not a multiply by the bool mask (that would cast the mask first)
             w = torch.where(keep, alpha.mul_(T_excl), 0.0)                # alpha * T_before
             r = torch.where(keep, r, 0.0)
@@ -183,10 +206,11 @@ class _CompositeTiles(torch.autograd.Function):
         ctx.save_for_backward(col, feats)
         ctx.q_shape = q.shape
         ctx.out_shape = (R, D, P)
-        return acc, T
+        ctx.mark_non_differentiable(med)
+        return acc, T, med
 
     @staticmethod
-    def backward(ctx, g_acc, g_T):
+    def backward(ctx, g_acc, g_T, g_med=None):
         col, feats = ctx.saved_tensors
         g_q = col.new_zeros(ctx.q_shape)
         g_col = torch.zeros_like(col)
@@ -211,7 +235,7 @@ class _CompositeTiles(torch.autograd.Function):
             g_q[sl] = g_s @ feats.transpose(0, 1)
             gT[active] = torch.where(dn, gTe, (total + gTe * T_end) / torch.where(dn, torch.ones_like(T0), T0))
         ctx.saved = None
-        return g_q, g_col, None, None, None, None, None, None
+        return g_q, g_col, None, None, None, None, None, None, None
 
 
 def _tile_centres(tiles: Tensor, tiles_per_image: int, tile_width: int, tile_size: int, dtype) -> Tensor:
@@ -234,9 +258,22 @@ def composite(
     width: int,
     height: int,
     chunk: int = 32,
-) -> tuple[Tensor, Tensor]:
+    median: Optional[tuple[Tensor, Tensor, Tensor]] = None,  # (precision [V, 3, 3], mean [V, 3], K [V, 3, 3]), camera frame
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Composite every tile front to back. Returns colours [I*th*tw, P, D] (without
-    background) and final transmittance [I*th*tw, P]; P = tile_size^2, row-major."""
+    background), final transmittance [I*th*tw, P] and, when `median` is given, the
+    median depth [I*th*tw, P] (0 where transmittance stays above 0.5; else None);
+    P = tile_size^2, row-major.
+
+    Median depth: the camera z along each pixel's ray where the accumulated opacity
+    reaches 0.5, with each Gaussian's opacity rising along the ray as its 3D density
+    does up to the density's peak on the ray (Gaussian Opacity Fields' ray model).
+    A pixel ray is x = z r, r = K^-1 (px, py, 1); with A the camera-frame precision and
+    mu the mean, the density is exp(-(z^2 r'Ar - 2 z r'A mu + ...)/2): peak z* = r'A mu / r'Ar,
+    spread 1/sqrt(r'Ar). If Gaussian j takes T from T_j > 0.5 to <= 0.5 with alpha a_j,
+    0.5 is reached where a_j exp(-(z - z*)^2 r'Ar / 2) = 1 - 0.5 / T_j, in front of z*.
+    The silhouette (alpha 0.5) and this depth then mark the same surface: a lone opaque
+    blob's depth sits ~1.2 sigma in front of its centre, where its silhouette edge is."""
     device, dtype = means2d.device, means2d.dtype
     D = colors.shape[-1]
     P = tile_size * tile_size
@@ -245,7 +282,8 @@ def composite(
     M = order_gauss.shape[0]
     if M == 0:
         return (torch.zeros(n_tiles, P, D, device=device, dtype=dtype) + 0.0 * colors.sum(),
-                torch.ones(n_tiles, P, device=device, dtype=dtype) + 0.0 * opacities.sum())
+                torch.ones(n_tiles, P, device=device, dtype=dtype) + 0.0 * opacities.sum(),
+                None if median is None else torch.zeros(n_tiles, P, device=device, dtype=dtype))
 
     # log(alpha) at pixel offset (lx, ly) from the tile centre is a quadratic in (lx, ly):
     # log o - [.5a(lx-dx)^2 + .5c(ly-dy)^2 + b(lx-dx)(ly-dy)], (dx, dy) = mean - centre.
@@ -279,10 +317,27 @@ def composite(
     q = torch.cat([q, sentinel_q], 0)                                    # [M+1, 6]
     col = torch.cat([col, col.new_zeros(1, D)], 0)                       # [M+1, D]
     keep_graph = torch.is_grad_enabled() and (q.requires_grad or col.requires_grad)
-    acc, T = _CompositeTiles.apply(q, col, slot, per_row, feats, outside, chunk, keep_graph)
+    mq = None
+    if median is not None:
+        with torch.no_grad():
+            prec, mu, Kv = (t.detach()[order_gauss] for t in median)
+            fx, fy, cx, cy = Kv[:, 0, 0], Kv[:, 1, 1], Kv[:, 0, 2], Kv[:, 1, 2]
+            tc = _tile_centres(order_tile, tiles_per_image, tile_width, tile_size, dtype)
+            c0 = torch.stack([(tc[:, 0] - cx) / fx, (tc[:, 1] - cy) / fy, torch.ones_like(fx)], -1)  # ray at the tile centre
+            Ac0 = (prec @ c0[:, :, None])[..., 0]
+            Amu = (prec @ mu[:, :, None])[..., 0]
+            # r = c0 + (lx / fx, ly / fy, 0) for the pixel offset (lx, ly); feats order lx^2, ly^2, lx ly, lx, ly, 1
+            den = torch.stack([prec[:, 0, 0] / fx ** 2, prec[:, 1, 1] / fy ** 2, 2 * prec[:, 0, 1] / (fx * fy),
+                               2 * Ac0[:, 0] / fx, 2 * Ac0[:, 1] / fy, (c0 * Ac0).sum(-1)], -1)
+            zero = torch.zeros_like(fx)
+            num = torch.stack([zero, zero, zero, Amu[:, 0] / fx, Amu[:, 1] / fy, (c0 * Amu).sum(-1)], -1)
+            mq = torch.cat([torch.cat([den, num], -1), den.new_zeros(1, 12)], 0)            # [M+1, 12]
+            mq[-1, 5] = 1.0                                                               # sentinel: never crosses
+    acc, T, med = _CompositeTiles.apply(q, col, slot, per_row, feats, outside, chunk, keep_graph, mq)
     out = torch.zeros(n_tiles, P, D, device=device, dtype=dtype).index_copy(0, rows, acc.transpose(1, 2))
     T_all = torch.ones(n_tiles, P, device=device, dtype=dtype).index_copy(0, rows, T)
-    return out, T_all
+    med_all = None if mq is None else torch.zeros(n_tiles, P, device=device, dtype=dtype).index_copy(0, rows, med)
+    return out, T_all, med_all
 
 
 # ---------------------------------------------------------------------- entry point
@@ -348,6 +403,16 @@ def rasterization(
         col = torch.cat([col, z], dim=-1)
     elif render_mode in ("D", "ED"):
         col = z
+    elif render_mode == "MD":
+        col = torch.zeros_like(z)       # only the median channel below is wanted
+    median = None
+    if render_mode in ("MD", "RGB+MD"):
+        with torch.no_grad():
+            _, preci = _quat_scale_to_covar_preci(quats.detach(), scales.detach(), compute_covar=False, compute_preci=True)
+            R = viewmats[:, :3, :3].detach()
+            prec_c = R[cam_ids] @ preci[gids] @ R[cam_ids].transpose(1, 2)          # [V, 3, 3] camera frame
+            mu_c = (R[cam_ids] @ means.detach()[gids][:, :, None])[..., 0] + viewmats[cam_ids, :3, 3].detach()
+            median = (prec_c, mu_c, Ks.detach()[cam_ids])
     D = col.shape[-1]
 
     tile_width = math.ceil(width / tile_size)
@@ -364,9 +429,12 @@ def rasterization(
         order = torch.sort(gtile * max(V, 1) + depth_rank[gsel], stable=True).indices
         order_gauss, order_tile = gsel[order], gtile[order]
 
-    tile_cols, tile_T = composite(
+    tile_cols, tile_T, tile_med = composite(
         means2d[cam_ids, gids], conics[cam_ids, gids], opacities[gids], col, order_gauss, order_tile,
-        C, tile_width, tile_height, tile_size, width, height, chunk=chunk)
+        C, tile_width, tile_height, tile_size, width, height, chunk=chunk, median=median)
+    if median is not None:
+        tile_cols = tile_med[..., None] if render_mode == "MD" else torch.cat([tile_cols, tile_med[..., None]], -1)
+        D = tile_cols.shape[-1]
     # [C*th*tw, ts*ts, D] -> [C, H, W, D]
     img = tile_cols.reshape(C, tile_height, tile_width, tile_size, tile_size, D).permute(0, 1, 3, 2, 4, 5)
     img = img.reshape(C, tile_height * tile_size, tile_width * tile_size, D)[:, :height, :width]
@@ -376,9 +444,9 @@ def rasterization(
 
     if backgrounds is not None:
         bg = backgrounds.to(dtype)
-        if render_mode in ("RGB+D", "RGB+ED"):
+        if render_mode in ("RGB+D", "RGB+ED", "RGB+MD"):     # depth channels take no background
             bg = torch.cat([bg, torch.zeros(C, 1, dtype=dtype, device=bg.device)], dim=-1)
-        elif render_mode in ("D", "ED"):
+        elif render_mode in ("D", "ED", "MD"):
             bg = torch.zeros(C, 1, dtype=dtype, device=bg.device)
         img = img + T * bg[:, None, None, :]
     if render_mode in ("ED", "RGB+ED"):

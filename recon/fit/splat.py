@@ -2,11 +2,14 @@
 
 Recipe: visual-hull initialisation; loss (1-w)*L1 + w*(1-SSIM) on a random
 background (target composited over the same colour) + alpha L1 against the
-masks; Adam with per-parameter learning rates; MCMC-style upkeep (3DGS as
-MCMC, Kheradmand et al. 2024): low-opacity Gaussians are relocated onto live
+masks; Adam with per-parameter learning rates; MCMC upkeep (3DGS as MCMC,
+Kheradmand et al. 2024; recon.fit.strategy: gsplat's MCMCStrategy on CUDA, the
+same recipe in PyTorch elsewhere): low-opacity Gaussians are relocated onto live
 ones and the count grows by 5% per refinement up to cfg.max_gaussians, with the
 paper's opacity/scale correction so a relocation does not change the image;
-SH degree ramped up to cfg.sh_degree. Held-out views give PSNR/SSIM/IoU.
+SH degree ramped up to cfg.sh_degree; Gaussians whose centres leave the views'
+visual hull (cfg.prune_outside) are relocated like dead ones. Held-out views give
+PSNR/SSIM/IoU.
 Checkpoints (params, Adam state, step, RNG) make a killed fit resume.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..runtime import resolve_device
 from ..types import Scene, ViewSet
 from .backend import select_rasterizer
 from .losses import alpha_iou, psnr, ssim
+from .strategy import MIN_OPACITY, RefineSchedule, make_strategy, resolve_strategy
 
 SH_C0 = 0.28209479177387814
 CKPT_NAME = "ckpt.pt"
@@ -109,9 +113,11 @@ def visual_hull(mask: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, gr
     return occ.reshape(grid, grid, grid), bound
 
 
-def init_from_hull(data: dict, train: list[int], num: int, gen: torch.Generator) -> np.ndarray:
-    """`num` points on the visual hull's surface voxels (jittered inside the voxel)."""
-    occ, bound = visual_hull(data["mask"][train], data["viewmats"][train], data["Ks"][train])
+def init_from_hull(data: dict, train: list[int], num: int, gen: torch.Generator,
+                   hull: tuple[torch.Tensor, float] | None = None) -> np.ndarray:
+    """`num` points on the visual hull's surface voxels (jittered inside the voxel).
+    `hull`: (occupancy, bound) from `visual_hull` when already computed."""
+    occ, bound = hull if hull is not None else visual_hull(data["mask"][train], data["viewmats"][train], data["Ks"][train])
     if not occ.any():
         raise InputError("the visual hull of the views is empty: no 3D point is inside every view's alpha mask",
                          hint="the masks do not agree with the cameras; check dataset.json and the views' alpha")
@@ -124,6 +130,22 @@ def init_from_hull(data: dict, train: list[int], num: int, gen: torch.Generator)
     voxel = 2 * bound / g
     pts = (cells[pick] + torch.rand(num, 3, generator=gen)) * voxel - bound
     return pts.numpy()
+
+
+def outside_hull(means: torch.Tensor, occ: torch.Tensor, bound: float, margin: int = 2) -> torch.Tensor:
+    """(N,) bool: centres outside the visual hull grown by `margin` voxels (or outside its
+    grid). Every mask says nothing of the head is there, so a Gaussian whose centre
+    drifted there is a floater or a background-fitting layer: the fit relocates it."""
+    g = occ.shape[0]
+    grown = occ[None, None].float()
+    if margin > 0:
+        grown = F.max_pool3d(grown, 2 * margin + 1, stride=1, padding=margin)
+    grown = grown[0, 0] > 0.5
+    ijk = torch.floor((means.detach().float().cpu() + bound) / (2 * bound) * g).long()
+    in_grid = ((ijk >= 0) & (ijk < g)).all(dim=1)
+    ijk = ijk.clamp(0, g - 1)
+    inside = grown[ijk[:, 0], ijk[:, 1], ijk[:, 2]] & in_grid
+    return (~inside).to(means.device)
 
 
 def colours_from_views(points: torch.Tensor, data: dict, idx: list[int]) -> torch.Tensor:
@@ -369,6 +391,13 @@ def fit_splats(views: ViewSet, cfg: FitConfig, *, device="cpu", checkpoint_dir: 
     fp = _fingerprint(views, cfg, init_points)
     ckpt_path = pathlib.Path(checkpoint_dir) / CKPT_NAME if checkpoint_dir is not None else None
     gen = torch.Generator().manual_seed(cfg.seed)
+    # The visual hull seeds the Gaussians and bounds them: centres that leave it are relocated.
+    hull = None
+    if cfg.prune_outside or init_points is None:
+        hull = visual_hull(data["mask"][train], data["viewmats"][train], data["Ks"][train])
+        if not hull[0].any():
+            raise InputError("the visual hull of the views is empty: no 3D point is inside every view's alpha mask",
+                             hint="the masks do not agree with the cameras; check dataset.json and the views' alpha")
     resumed_from = None
     psnr_init = None
     if ckpt_path is not None and ckpt_path.is_file():
@@ -380,7 +409,7 @@ def fit_splats(views: ViewSet, cfg: FitConfig, *, device="cpu", checkpoint_dir: 
         psnr_init = ck.get("psnr_init")
         psnr_init = None if psnr_init is None else float(psnr_init)
     else:
-        pts = init_points if init_points is not None else init_from_hull(data, train, cfg.num_init, gen)
+        pts = init_points if init_points is not None else init_from_hull(data, train, cfg.num_init, gen, hull)
         model = SplatModel(init_params(pts, data, train, cfg.sh_degree, gen), lrs, dev)
         step0 = 0
     if model.n > cfg.max_gaussians:
@@ -390,11 +419,11 @@ def fit_splats(views: ViewSet, cfg: FitConfig, *, device="cpu", checkpoint_dir: 
         psnr_init = evaluate(rast, model.params, 0, data, train, dev)["psnr"]
 
     steps = cfg.steps
-    refine_every = max(10, steps // 12)
-    refine_start, refine_stop = max(refine_every, steps // 10), int(steps * 0.8)
+    schedule = RefineSchedule.for_steps(steps)
+    upkeep = make_strategy(resolve_strategy(cfg.strategy, dev), cfg.max_gaussians, schedule, gen)
     sh_interval = max(1, steps // (cfg.sh_degree + 1)) if cfg.sh_degree > 0 else steps + 1
     batch = max(1, min(cfg.batch_views, len(train)))
-    relocated = grown = 0
+    relocated = grown = pruned = 0
     loss_v = float("nan")
     for step in range(step0, steps):
         sh_deg = min(cfg.sh_degree, step // sh_interval)
@@ -408,21 +437,30 @@ def fit_splats(views: ViewSet, cfg: FitConfig, *, device="cpu", checkpoint_dir: 
         loss = (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * (1 - ssim(img, target))
         loss = loss + cfg.alpha_weight * (alpha - m).abs().mean()
         # MCMC regularisers: unneeded Gaussians fade and become relocation targets.
-        loss = loss + 0.01 * torch.sigmoid(model.params["opacities"]).mean() + 0.01 * torch.exp(model.params["scales"]).mean()
+        scales = torch.exp(model.params["scales"])
+        loss = loss + 0.01 * torch.sigmoid(model.params["opacities"]).mean() + 0.01 * scales.mean()
+        if cfg.flatten_weight > 0:
+            # Flat Gaussians (surfels, 2DGS-like): off by default. Measured on the GT head
+            # (benchmarks/bench_fit.py, preview): weight 1 and 10 made the mesh worse
+            # (Chamfer 1.13 % -> 1.34 % / more outliers), so 3D Gaussians stay the default.
+            loss = loss + cfg.flatten_weight * scales.min(dim=1).values.mean()
         model.zero_grad()
         loss.backward()
         loss_v = float(loss.detach())
         if not math.isfinite(loss_v):
             raise StageError(f"the fit diverged at step {step} (loss {loss_v})",
                              hint="lower fit.lr_* or check the views", stage="fit")
-        model.step(cfg.lr_means * 0.01 ** (step / steps))
+        means_lr = cfg.lr_means * 0.01 ** (step / steps)
+        model.step(means_lr)
         with torch.no_grad():
             model.params["quats"].data = F.normalize(model.params["quats"].data, dim=-1)
         done = step + 1
-        if refine_start <= done < refine_stop and done % refine_every == 0:
-            dead = torch.sigmoid(model.params["opacities"].detach()) <= 0.005
-            relocated += model.relocate(dead, gen)
-            grown += model.grow(min(cfg.max_gaussians - model.n, int(0.05 * model.n)), gen)
+        out = None
+        if cfg.prune_outside and schedule.due(done):
+            out = outside_hull(model.params["means"], *hull)
+            pruned += int((out & (torch.sigmoid(model.params["opacities"].detach()) > MIN_OPACITY)).sum())
+        r, g = upkeep.step(model, done, means_lr, out)
+        relocated, grown = relocated + r, grown + g
         if progress is not None:
             progress(done, steps, f"loss {loss_v:.4f}, {model.n} gaussians")
         if ckpt_path is not None and cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < steps:
@@ -438,7 +476,8 @@ def fit_splats(views: ViewSet, cfg: FitConfig, *, device="cpu", checkpoint_dir: 
         "test_psnr": te.get("psnr"), "test_ssim": te.get("ssim"), "test_alpha_iou": te.get("alpha_iou"),
         "init_psnr": psnr_init, "final_loss": loss_v, "train_views": train, "test_views": test,
         "resolution": [data["height"], data["width"]], "resumed_from": resumed_from,
-        "relocated": relocated, "grown": grown, "rasterizer": rast.name, "rasterizer_why": rast.why,
+        "relocated": relocated, "grown": grown, "pruned_outside": pruned, "strategy": upkeep.name,
+        "rasterizer": rast.name, "rasterizer_why": rast.why,
     }
     params = {k: v.detach().cpu().float().contiguous() for k, v in model.params.items()}
     scene = Scene(params=params, sh_degree=cfg.sh_degree,
