@@ -116,6 +116,17 @@ def intrinsics_pixels(K_norm: np.ndarray, width: int, height: int) -> np.ndarray
     return K
 
 
+def pixel_rays(c2w: np.ndarray, K_norm: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rays through one camera's pixel centres: (origin (3,), unit world directions
+    (H, W, 3), camera z per unit of ray length (H, W)), so depth = t * z_per_t."""
+    K = intrinsics_pixels(K_norm, width, height)
+    jj, ii = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    dc = np.stack([(jj - K[0, 2]) / K[0, 0], (ii - K[1, 2]) / K[1, 1], np.ones_like(jj)], -1)
+    dcn = dc / np.linalg.norm(dc, axis=-1, keepdims=True)
+    c2w = np.asarray(c2w, np.float64)
+    return c2w[:3, 3].copy(), dcn @ c2w[:3, :3].T, dcn[..., 2]
+
+
 def intrinsics_normalised(K_pix: np.ndarray, width: int, height: int) -> np.ndarray:
     K = np.array(K_pix, dtype=np.float64).copy()
     K[..., 0, :] /= width

@@ -84,3 +84,12 @@ def test_dataset_json_malformed_is_input_error(tmp_path, content):
     (tmp_path / "dataset.json").write_text(content)
     with pytest.raises(InputError):
         cameras.read_dataset_json(tmp_path / "dataset.json")
+
+
+def test_pixel_rays_centre_looks_at_the_origin():
+    c2w = cameras.orbit_cam2world(np.array([30.0]), np.array([10.0]))[0]
+    o, d, z = cameras.pixel_rays(c2w, cameras.INTRINSICS_NORM, 64, 64)
+    centre = 0.25 * (d[31, 31] + d[31, 32] + d[32, 31] + d[32, 32])
+    np.testing.assert_allclose(o, cameras.camera_center(c2w[None])[0], atol=1e-9)
+    np.testing.assert_allclose(centre / np.linalg.norm(centre), -o / np.linalg.norm(o), atol=1e-3)
+    assert np.allclose(np.linalg.norm(d, axis=-1), 1) and (z <= 1).all() and z[32, 32] > 0.999

@@ -39,13 +39,8 @@ def stand_in_render(scene, c2w, K_norm, width, height, *, background=None, devic
     n = len(c2w)
     rgba = np.zeros((n, height, width, 4), np.uint8)
     depth = np.zeros((n, height, width), np.float32)
-    jj, ii = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     for k in range(n):
-        K = cameras.intrinsics_pixels(K_norm[k], width, height)
-        dc = np.stack([(jj - K[0, 2]) / K[0, 0], (ii - K[1, 2]) / K[1, 1], np.ones_like(jj)], -1)
-        dcn = dc / np.linalg.norm(dc, axis=-1, keepdims=True)
-        d = dcn @ c2w[k, :3, :3].T
-        o = c2w[k, :3, 3]
+        o, d, z_per_t = cameras.pixel_rays(c2w[k], K_norm[k], width, height)
         best_t = np.full((height, width), np.inf)
         best_n = np.zeros((height, width, 3))
         for c, r in (HEAD, NOSE):
@@ -64,7 +59,7 @@ def stand_in_render(scene, c2w, K_norm, width, height, *, background=None, devic
         hit = np.isfinite(best_t)
         rgba[k, ..., :3] = np.where(hit[..., None], np.clip(_normal_colour(best_n) * 255 + 0.5, 0, 255), 0).astype(np.uint8)
         rgba[k, ..., 3] = np.where(hit, 255, 0)
-        depth[k] = np.where(hit, best_t * dcn[..., 2], 0)
+        depth[k] = np.where(hit, best_t * z_per_t, 0)
     return rgba, depth
 
 

@@ -34,12 +34,8 @@ def ellipsoid_renders(c2w: np.ndarray, size: int) -> dict:
     K = np.repeat(cameras.INTRINSICS_NORM[None], n, axis=0)
     rgba = np.zeros((n, size, size, 4), np.uint8)
     depth = np.zeros((n, size, size), np.float32)
-    jj, ii = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5)
     for k in range(n):
-        Kp = cameras.intrinsics_pixels(K[k], size, size)
-        dc = np.stack([(jj - Kp[0, 2]) / Kp[0, 0], (ii - Kp[1, 2]) / Kp[1, 1], np.ones_like(jj)], -1)
-        dcn = dc / np.linalg.norm(dc, axis=-1, keepdims=True)
-        d, o = dcn @ c2w[k, :3, :3].T, c2w[k, :3, 3]
+        o, d, z_per_t = cameras.pixel_rays(c2w[k], K[k], size, size)
         o2, d2 = o / HEAD_R, d / HEAD_R
         a, b, c = (d2 * d2).sum(-1), 2 * (d2 @ o2), o2 @ o2 - 1
         disc = b * b - 4 * a * c
@@ -49,7 +45,7 @@ def ellipsoid_renders(c2w: np.ndarray, size: int) -> dict:
         nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True)
         rgba[k, ..., :3] = np.where(hit[..., None], np.clip((0.5 + 0.5 * nrm) * 255 + 0.5, 0, 255), 0).astype(np.uint8)
         rgba[k, ..., 3] = np.where(hit, 255, 0)
-        depth[k] = np.where(hit, t * dcn[..., 2], 0)
+        depth[k] = np.where(hit, t * z_per_t, 0)
     return {"rgba": rgba, "depth": depth, "c2w": c2w, "K": K}
 
 
