@@ -76,14 +76,9 @@ def sphere_viewset(n: int, res: int, radius: float = 0.22):
 
     c2w = cameras.ring_cam2world(n)
     K = np.broadcast_to(cameras.INTRINSICS_NORM, (n, 3, 3)).copy()
-    Kp = cameras.intrinsics_pixels(K, res, res)
-    ys, xs = np.meshgrid(np.arange(res) + 0.5, np.arange(res) + 0.5, indexing="ij")
     imgs = np.zeros((n, res, res, 4), np.uint8)
     for i in range(n):
-        d = np.stack([(xs - Kp[i, 0, 2]) / Kp[i, 0, 0], (ys - Kp[i, 1, 2]) / Kp[i, 1, 1], np.ones_like(xs)], -1)
-        d = d @ c2w[i, :3, :3].T
-        d /= np.linalg.norm(d, axis=-1, keepdims=True)
-        o = c2w[i, :3, 3]
+        o, d, _ = cameras.pixel_rays(c2w[i], K[i], res, res)
         b = d @ o
         disc = b * b - (o @ o - radius ** 2)
         hit = disc > 0

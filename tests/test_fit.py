@@ -22,14 +22,9 @@ def sphere_views(n=8, res=32, elev=(0.0, 25.0), alpha=True):
     el = np.concatenate([np.full(n, e) for e in elev])
     c2w = cameras.orbit_cam2world(az, el)
     K = np.broadcast_to(cameras.INTRINSICS_NORM, (len(az), 3, 3)).copy()
-    Kp = cameras.intrinsics_pixels(K, res, res)
-    ys, xs = np.meshgrid(np.arange(res) + 0.5, np.arange(res) + 0.5, indexing="ij")
     imgs = []
     for i in range(len(az)):
-        d = np.stack([(xs - Kp[i, 0, 2]) / Kp[i, 0, 0], (ys - Kp[i, 1, 2]) / Kp[i, 1, 1], np.ones_like(xs)], -1)
-        d = d @ c2w[i, :3, :3].T
-        d /= np.linalg.norm(d, axis=-1, keepdims=True)
-        o = c2w[i, :3, 3]
+        o, d, _ = cameras.pixel_rays(c2w[i], K[i], res, res)
         b = d @ o
         disc = b * b - (o @ o - RADIUS ** 2)
         hit = disc > 0

@@ -557,7 +557,7 @@ def tm_info(tm: TexturedMesh) -> dict:
     return {"vertices": int(len(tm.vertices)), "texture": int(tm.texture.shape[0])}
 
 
-def texture_mesh(mesh: trimesh.Trimesh, render_fn: BoundRenderFn | None, cfg: ExportConfig, *, views: ViewSet | None,
+def texture_mesh(mesh: trimesh.Trimesh, cfg: ExportConfig, *, views: ViewSet | None,
                  renders: dict | None, progress: Progress = None, timings: dict | None = None,
                  texture: int | None = None, dense: trimesh.Trimesh | None = None, tag: str = "",
                  depth: np.ndarray | None = None) -> TexturedMesh:
@@ -565,8 +565,8 @@ def texture_mesh(mesh: trimesh.Trimesh, render_fn: BoundRenderFn | None, cfg: Ex
     the views (or the meshing renders); with cfg.normal_map and a `dense` surface, also
     its tangents and a tangent-space normal map of `dense`.
 
-    render_fn is not used (the colours come from images already rendered); it stays
-    in the signature for callers of the first version. texture: side of the maps
+    The colours come from images already rendered (views, else the meshing renders).
+    texture: side of the maps
     (default cfg.texture). tag: suffix of the timing keys (one LOD's name).
     depth: the visibility z-buffers at the bake cameras (bake_depth); default: this
     mesh's own (build_lods shares LOD0's between the LODs: the z-buffer is most of a
@@ -677,7 +677,7 @@ def build_lods(dense: trimesh.Trimesh, fractions, faces: int, *, cfg: ExportConf
         # faces cutting deep inside) gets its own
         tol = 0.02 * float(np.ptp(m.vertices, axis=0).max())
         depth = depth0 if i == 0 or _deviation(m, meshes[0]) < 0.5 * tol else None
-        out.append(texture_mesh(m, None, cfg, views=views, renders=renders, progress=progress, timings=timings,
+        out.append(texture_mesh(m, cfg, views=views, renders=renders, progress=progress, timings=timings,
                                 texture=lod_texture_size(cfg.texture, i), dense=dense, tag=f"_lod{i}", depth=depth))
     return out
 
